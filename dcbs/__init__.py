@@ -1,0 +1,1 @@
+"""Dataset condensation (DC, DSA, DM) and Batch Sampling; see utils.py for the seed's names."""

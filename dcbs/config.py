@@ -1,0 +1,177 @@
+"""Command-line flags, their defaults per method, presets and validation.
+
+One defaults block. The flags keep the public DC/DSA/DM code's names. Layering,
+lowest first: protocol defaults < method defaults (DM has its own) < ``--preset``
+< values given on the command line, which are always respected. The parsed
+arguments are never mutated afterwards: ``resolve`` returns a new namespace and
+derived values get their own names.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from types import SimpleNamespace
+
+from networks import model_names
+from .data import DATASETS
+
+__all__ = ["build_parser", "resolve", "ConfigError", "PRESETS", "METHOD_DEFAULTS", "default_eval_its"]
+
+
+class ConfigError(ValueError):
+    """A flag value or combination that cannot work; the message says what to change."""
+
+
+DEFAULTS = dict(
+    method="DC", dataset="CIFAR10", model="ConvNet", ipc=1, eval_mode="S", num_exp=5, num_eval=20,
+    epoch_eval_train=None, Iteration=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
+    init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
+    seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
+    kernel="loop", resume=None, load_syn=None,
+)
+# Batch Sampling (main_BS.py only)
+BS_DEFAULTS = dict(
+    layer_idx=3, num_cluster=20, norm=False, margin=50, cluster_model="ResNet18", cluster_path="checkpoints",
+    cluster_file=None, cluster_weighting="uniform", mix=False, mix_after=300,
+)
+
+METHOD_DEFAULTS = {
+    "DC": {},
+    "DSA": {},
+    "DM": dict(lr_img=1.0, init="real", Iteration=20000, eval_every=2000),
+}
+
+PRESETS = {
+    # the README's two-command demo: embedded digits, a few minutes on a CPU
+    "demo": dict(dataset="digits", Iteration=20, num_exp=1, num_eval=3, eval_every=10, epoch_eval_train=150),
+    # reduced protocol for CPU tries on real data: 200 iterations, 10 models at 0/100/200
+    "cpu": dict(Iteration=200, num_exp=1, num_eval=10, eval_every=100),
+    # smoke test: seconds
+    "smoke": dict(dataset="digits", Iteration=2, num_exp=1, num_eval=1, eval_every=1, epoch_eval_train=2),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags give one line that says what to change (and exit 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
+def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
+    p = _Parser(
+        description=("Batch Sampling (DC/DSA with real batches drawn from one feature cluster)" if batch_sampling
+                     else "Dataset condensation baselines: DC, DSA, DM"),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+    a = p.add_argument
+    methods = ["DC", "DSA"] if batch_sampling else ["DC", "DSA", "DM"]
+    a("--method", choices=methods, help="condensation method (default DC)")
+    a("--dataset", choices=list(DATASETS), help="dataset (default CIFAR10; 'digits' is embedded and offline)")
+    a("--model", choices=model_names(), help="network used for condensation (default ConvNet)")
+    a("--ipc", type=int, help="images per class (default 1)")
+    a("--eval_mode", choices=["S", "SS", "M", "W", "D", "A", "P", "N"],
+      help="S: the training model; M: ConvNet, MLP, LeNet, AlexNet, VGG11, ResNet18; W/D/A/P/N: ConvNet ablations")
+    a("--num_exp", type=int, help="experiments, each a new synthetic set (default 5)")
+    a("--num_eval", type=int, help="models trained per evaluation (default 20)")
+    a("--epoch_eval_train", type=int, help="evaluation epochs (default 300; 1000 when evaluation augments)")
+    a("--Iteration", type=int, help="condensation iterations (default 1000; DM 20000)")
+    a("--lr_img", type=float, help="learning rate of the synthetic images (default 0.1; DM 1.0)")
+    a("--lr_net", type=float, help="learning rate of the networks (default 0.01)")
+    a("--batch_real", type=int, help="real images per class per matching step (default 256)")
+    a("--batch_train", type=int, help="batch size when training on the synthetic set (default 256)")
+    a("--init", choices=["noise", "real"], help="synthetic initialisation (default noise; DM real)")
+    a("--dsa_strategy", help="DSA transforms joined by '_' (default: the dataset's for DSA/DM, none for DC)")
+    a("--data_path", help="torchvision root, or a folder with train/ and test/ class folders (default data)")
+    a("--save_path", help="where run directories go (default results)")
+    a("--dis_metric", choices=["ours", "mse", "cos"], help="gradient distance (default ours, eq. 1)")
+    a("--seed", type=int, help="seed of every random source (default 0)")
+    a("--device", help="auto (cuda when available), cpu, cuda or cuda:N (default auto)")
+    a("--eval_it", type=int, nargs="+", help="iterations at which to evaluate (default every eval_every, and the last)")
+    a("--eval_every", type=int, help="evaluation period when --eval_it is not given (default 500; DM 2000)")
+    a("--run_name", help="run directory name under save_path (default method_dataset_model_ipcN_timestamp)")
+    a("--preset", choices=list(PRESETS), help="reduced protocol: " + "; ".join(
+        f"{k}: {', '.join(f'{kk}={vv}' for kk, vv in v.items())}" for k, v in PRESETS.items()))
+    a("--ckpt_every", type=int, help="checkpoint every N iterations (default 50; also at every evaluation)")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    a("--num_threads", type=int, help="torch CPU threads (default: torch's choice)")
+    a("--kernel", choices=["loop"], help="how per-class gradients are computed (default loop)")
+    a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")
+    if batch_sampling:
+        a("--layer_idx", type=int, help="feature layer the clusters were made from (default 3)")
+        a("--num_cluster", type=int, help="clusters per class, k (default 20)")
+        a("--norm", action="store_true", default=None, help="clusters from size-constrained K-Means")
+        a("--margin", type=int, help="size margin of --norm clusters (default 50)")
+        a("--cluster_model", choices=["ResNet18", "ResNet18BN", "ConvNet"], help="feature extractor (default ResNet18)")
+        a("--cluster_path", help="folder of cluster files (default checkpoints)")
+        a("--cluster_file", help="explicit cluster file (overrides the name built from the flags above)")
+        a("--cluster_weighting", choices=["uniform", "size"], help="how a cluster is picked (default uniform)")
+        a("--mix", action="store_true", default=None, help="after --mix_after iterations draw whole-class batches")
+        a("--mix_after", type=int, help="iteration after which --mix switches to class batches (default 300)")
+    return p
+
+
+def default_eval_its(iterations: int, every: int) -> list[int]:
+    its = list(range(0, iterations + 1, max(1, every)))
+    if its[-1] != iterations:
+        its.append(iterations)
+    return its
+
+
+def resolve(ns: argparse.Namespace, batch_sampling: bool = False) -> SimpleNamespace:
+    """Layers defaults, method defaults, preset and explicit flags; validates; returns a new namespace."""
+    explicit = {k: v for k, v in vars(ns).items() if v is not None}
+    method = explicit.get("method", DEFAULTS["method"])
+    cfg = dict(DEFAULTS, **(BS_DEFAULTS if batch_sampling else {}))
+    cfg.update(METHOD_DEFAULTS[method])
+    if explicit.get("preset"):
+        cfg.update(PRESETS[explicit["preset"]])
+    cfg.update(explicit)
+    cfg["preset"] = explicit.get("preset")
+    cfg["batch_sampling"] = batch_sampling
+    cfg["explicit"] = sorted(explicit)
+    spec = DATASETS.get(cfg["dataset"])
+    if cfg["dsa_strategy"] is None:
+        cfg["dsa_strategy"] = spec.dsa_strategy if method in ("DSA", "DM") else "none"
+    elif method == "DC" and cfg["dsa_strategy"] not in ("none", "None", ""):
+        raise ConfigError("--dsa_strategy applies to DSA and DM; use --method DSA, or drop --dsa_strategy")
+    if method in ("DSA", "DM") and cfg["dsa_strategy"] in ("none", "None", ""):
+        cfg["dsa_strategy"] = "none"
+    if cfg["eval_it"] is None:
+        cfg["eval_it"] = default_eval_its(cfg["Iteration"], cfg["eval_every"])
+    cfg["eval_it"] = sorted(set(int(i) for i in cfg["eval_it"]))
+    validate(cfg)
+    return SimpleNamespace(**cfg)
+
+
+def validate(cfg: dict) -> None:
+    """Refuses values that cannot work, before any heavy work."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+    need(cfg["ipc"] >= 1, f"--ipc must be at least 1 (got {cfg['ipc']})")
+    for k in ("num_exp", "num_eval", "batch_real", "batch_train", "ckpt_every"):
+        need(cfg[k] >= 1, f"--{k} must be at least 1 (got {cfg[k]})")
+    need(cfg["Iteration"] >= 0, f"--Iteration must be >= 0 (got {cfg['Iteration']})")
+    need(cfg["lr_img"] > 0 and cfg["lr_net"] > 0, "--lr_img and --lr_net must be positive")
+    if cfg["epoch_eval_train"] is not None:
+        need(cfg["epoch_eval_train"] >= 0, "--epoch_eval_train must be >= 0")
+    bad = [i for i in cfg["eval_it"] if i < 0 or i > cfg["Iteration"]]
+    need(not bad, f"--eval_it {bad} outside 0..{cfg['Iteration']}: lower them or raise --Iteration")
+    if cfg["method"] == "DM":
+        need(cfg["dis_metric"] == "ours" or "dis_metric" not in cfg["explicit"],
+             "--dis_metric does not apply to DM (it matches mean embeddings)")
+    if cfg["batch_sampling"]:
+        need(cfg["num_cluster"] >= 1, f"--num_cluster must be at least 1 (got {cfg['num_cluster']})")
+        need(cfg["margin"] >= 0, f"--margin must be >= 0 (got {cfg['margin']})")
+        need(cfg["mix_after"] >= 0, f"--mix_after must be >= 0 (got {cfg['mix_after']})")
+        if "mix_after" in cfg["explicit"]:
+            need(cfg["mix"], "--mix_after has no effect without --mix: add --mix or drop --mix_after")
+        if cfg["mix"]:
+            need(cfg["mix_after"] < cfg["Iteration"],
+                 f"--mix_after {cfg['mix_after']} >= --Iteration {cfg['Iteration']}: --mix would never switch")
+    if cfg["device"] not in ("auto", "cpu") and not str(cfg["device"]).startswith("cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg['device']!r})")
+    if cfg["resume"] is None and cfg["save_path"]:
+        sp = cfg["save_path"]
+        parent = sp if os.path.isdir(sp) else os.path.dirname(os.path.abspath(sp))
+        need(os.access(parent, os.W_OK), f"--save_path {sp} is not writable: choose another folder")

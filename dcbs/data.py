@@ -1,0 +1,239 @@
+"""Real datasets: loading, normalisation, per-class indices and the data fingerprint.
+
+Every dataset is loaded once into memory as normalised float tensors
+(``RealData``). Sources, tried in this order:
+
+1. ``--data_path DIR`` holding ``train/<class>/*`` and ``test/<class>/*`` image
+   folders (an ImageFolder tree such as ``../shared/data/cifar10``); the dataset
+   name still chooses the normalisation and the expected image shape;
+2. torchvision's dataset classes under ``--data_path`` (downloaded when online);
+3. ``digits``: scikit-learn's bundled 8x8 digits, upsampled to 28x28, which
+   works offline anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DATASETS", "DatasetSpec", "RealData", "DataError", "load_data", "get_dataset",
+           "data_fingerprint", "denormalize"]
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found or read; the message says how to provide it."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    channel: int
+    im_size: tuple
+    num_classes: int
+    mean: tuple
+    std: tuple
+    tv_name: str | None = None      # torchvision class name
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+
+
+DATASETS = {
+    "MNIST": DatasetSpec(1, (28, 28), 10, (0.1307,), (0.3081,), "MNIST",
+                         dsa_strategy="color_crop_cutout_scale_rotate"),
+    "FashionMNIST": DatasetSpec(1, (28, 28), 10, (0.2861,), (0.3530,), "FashionMNIST"),
+    "SVHN": DatasetSpec(3, (32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "SVHN",
+                        dsa_strategy="color_crop_cutout_scale_rotate"),
+    "CIFAR10": DatasetSpec(3, (32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "CIFAR10"),
+    "CIFAR100": DatasetSpec(3, (32, 32), 100, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762), "CIFAR100"),
+    # mean/std of digits are computed on its train split at load time (filled in load_data)
+    "digits": DatasetSpec(1, (28, 28), 10, (), (), None, dsa_strategy="color_crop_cutout_scale_rotate"),
+}
+
+
+@dataclass
+class RealData:
+    """A whole dataset in memory, images normalised with ``mean``/``std``."""
+    name: str
+    source: str
+    channel: int
+    im_size: tuple
+    num_classes: int
+    class_names: list
+    mean: list
+    std: list
+    images_train: torch.Tensor
+    labels_train: torch.Tensor
+    images_test: torch.Tensor
+    labels_test: torch.Tensor
+    fingerprint: str
+    indices_class: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.indices_class:
+            self.indices_class = [torch.nonzero(self.labels_train == c).flatten()
+                                  for c in range(self.num_classes)]
+
+    @property
+    def class_counts(self) -> list[int]:
+        return [len(ix) for ix in self.indices_class]
+
+    def to(self, device) -> "RealData":
+        """Moves the image and label tensors to ``device`` (in place; returns self)."""
+        for name in ("images_train", "labels_train", "images_test", "labels_test"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def data_fingerprint(images_uint8: torch.Tensor | np.ndarray, labels) -> str:
+    """sha256 over decoded uint8 pixels (N, C, H, W) and int64 labels, in loader order.
+
+    A cluster file made on one copy or ordering of a dataset is refused on another
+    through this value.
+    """
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(images_uint8, dtype=np.uint8)).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
+    return h.hexdigest()
+
+
+def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised images -> [0, 1] pixel range (clamped), for saving and viewing."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images * s + m).clamp(0, 1)
+
+
+def _normalize(u8: torch.Tensor, mean, std) -> torch.Tensor:
+    x = u8.float().div_(255)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+# --------------------------------------------------------------------------- #
+# sources
+# --------------------------------------------------------------------------- #
+def _load_digits():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    idx = np.arange(len(d.target))
+    tr, te = train_test_split(idx, test_size=0.3, stratify=d.target, random_state=0)
+    tr, te = np.sort(tr), np.sort(te)
+    y = torch.tensor(d.target, dtype=torch.long)
+    names = [str(i) for i in range(10)]
+    return u8[tr], y[tr], u8[te], y[te], names, "sklearn.datasets.load_digits (8x8 -> 28x28)"
+
+
+def _read_image_folder(root: str, spec: DatasetSpec, name: str):
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    out = []
+    for split in ("train", "test"):
+        folder = ImageFolder(os.path.join(root, split))
+        mode = "L" if spec.channel == 1 else "RGB"
+        arrs = []
+        for path, _ in folder.samples:
+            with Image.open(path) as im:
+                a = np.asarray(im.convert(mode), dtype=np.uint8)
+            if a.shape[:2] != tuple(spec.im_size):
+                raise DataError(f"{path}: image is {a.shape[1]}x{a.shape[0]}, but {name} expects "
+                                f"{spec.im_size[1]}x{spec.im_size[0]}; resize the tree or choose the matching --dataset")
+            arrs.append(a)
+        u8 = torch.from_numpy(np.stack(arrs))
+        u8 = u8.unsqueeze(1) if u8.ndim == 3 else u8.permute(0, 3, 1, 2)
+        out += [u8.contiguous(), torch.tensor(folder.targets, dtype=torch.long)]
+        classes = folder.classes
+    if len(classes) != spec.num_classes:
+        raise DataError(f"{root}: found {len(classes)} class folders, {name} has {spec.num_classes}")
+    return (*out, classes, f"ImageFolder {os.path.abspath(root)}")
+
+
+def _tv_expected_files(name: str) -> list[str]:
+    return {
+        "MNIST": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte",
+                  "MNIST/raw/t10k-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"],
+        "FashionMNIST": ["FashionMNIST/raw/train-images-idx3-ubyte", "FashionMNIST/raw/train-labels-idx1-ubyte",
+                         "FashionMNIST/raw/t10k-images-idx3-ubyte", "FashionMNIST/raw/t10k-labels-idx1-ubyte"],
+        "SVHN": ["train_32x32.mat", "test_32x32.mat"],
+        "CIFAR10": ["cifar-10-batches-py/data_batch_1..5", "cifar-10-batches-py/test_batch"],
+        "CIFAR100": ["cifar-100-python/train", "cifar-100-python/test"],
+    }[name]
+
+
+def _load_torchvision(root: str, spec: DatasetSpec, name: str):
+    import torchvision.datasets as tvd
+    cls = getattr(tvd, spec.tv_name)
+
+    def make(train: bool, download: bool):
+        if name == "SVHN":
+            return cls(root, split="train" if train else "test", download=download)
+        return cls(root, train=train, download=download)
+
+    splits = []
+    for train in (True, False):
+        try:
+            ds = make(train, download=False)
+        except RuntimeError:
+            try:
+                if os.environ.get("DCBS_NO_DOWNLOAD"):
+                    raise RuntimeError("downloads disabled by DCBS_NO_DOWNLOAD")
+                ds = make(train, download=True)
+            except Exception as e:  # offline, blocked, corrupt archive ...
+                files = ", ".join(os.path.join(root, f) for f in _tv_expected_files(name))
+                raise DataError(
+                    f"{name} not found under {os.path.abspath(root)} and could not be downloaded "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Looked for: {files}. "
+                    f"Either put those files there, or pass --data_path DIR with DIR/train/<class>/*.png and "
+                    f"DIR/test/<class>/*.png (an ImageFolder tree).") from None
+        splits.append(ds)
+    out = []
+    for ds in splits:
+        if name == "SVHN":
+            u8, y = torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
+        else:
+            data = ds.data if isinstance(ds.data, torch.Tensor) else torch.from_numpy(ds.data)
+            u8 = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+            y = torch.as_tensor(ds.targets, dtype=torch.long)
+        out += [u8.contiguous(), y]
+    classes = [str(i) for i in range(10)] if name == "SVHN" else list(splits[0].classes)
+    return (*out, classes, f"torchvision.datasets.{spec.tv_name} {os.path.abspath(root)}")
+
+
+def load_data(dataset: str, data_path: str = "data") -> RealData:
+    """Loads ``dataset`` fully into memory (CPU), normalised."""
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    spec = DATASETS[dataset]
+    if dataset == "digits":
+        xtr, ytr, xte, yte, names, source = _load_digits()
+        mean = [round(float(xtr.float().div(255).mean()), 4)]
+        std = [round(float(xtr.float().div(255).std()), 4)]
+    else:
+        is_tree = all(os.path.isdir(os.path.join(data_path, s)) for s in ("train", "test"))
+        if is_tree:
+            xtr, ytr, xte, yte, names, source = _read_image_folder(data_path, spec, dataset)
+        else:
+            xtr, ytr, xte, yte, names, source = _load_torchvision(data_path, spec, dataset)
+        mean, std = list(spec.mean), list(spec.std)
+    return RealData(name=dataset, source=source, channel=spec.channel, im_size=tuple(spec.im_size),
+                    num_classes=spec.num_classes, class_names=list(names), mean=mean, std=std,
+                    images_train=_normalize(xtr, mean, std), labels_train=ytr,
+                    images_test=_normalize(xte, mean, std), labels_test=yte,
+                    fingerprint=data_fingerprint(xtr, ytr))
+
+
+def get_dataset(dataset: str, data_path: str = "data"):
+    """The reference code's signature: channel, im_size, num_classes, class_names,
+    mean, std, dst_train, dst_test, testloader."""
+    from torch.utils.data import DataLoader, TensorDataset
+    d = load_data(dataset, data_path)
+    dst_train = TensorDataset(d.images_train, d.labels_train)
+    dst_test = TensorDataset(d.images_test, d.labels_test)
+    testloader = DataLoader(dst_test, batch_size=256, shuffle=False, num_workers=0)
+    return d.channel, d.im_size, d.num_classes, d.class_names, d.mean, d.std, dst_train, dst_test, testloader

@@ -1,0 +1,176 @@
+"""Training a network on a (synthetic) set and testing it: the evaluation protocol.
+
+``evaluate_synset`` keeps the seed's meaning (one model): SGD lr ``lr_net``,
+momentum 0.9, weight decay 5e-4, batch ``batch_train``, ``epoch_eval_train``
+epochs (+1, as the reference runs Epoch+1 epochs), learning rate x0.1 once half
+the epochs are done with a fresh optimizer (the momentum restarts, as in the
+reference), then accuracy on the whole test set without augmentation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from networks import build_model
+from .augment import DiffAugment, ParamDiffAug, augment, get_daparam
+from .seeding import derive_seed, seeded
+
+__all__ = ["EvalSettings", "epoch", "evaluate_synset", "train_and_test", "test_accuracy",
+           "minibatches", "get_eval_pool", "eval_settings_for", "build_eval_model"]
+
+EVAL_POOLS = {
+    "M": ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"],
+    "W": ["ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"],
+    "D": ["ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"],
+    "A": ["ConvNetAS", "ConvNetAR", "ConvNetAL"],
+    "P": ["ConvNetNP", "ConvNetMP", "ConvNetAP"],
+    "N": ["ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"],
+}
+
+
+def get_eval_pool(eval_mode: str, model: str, model_eval: str | None = None) -> list[str]:
+    """Architectures to evaluate on (the reference's meanings of --eval_mode)."""
+    if eval_mode == "S":
+        return [model]
+    if eval_mode == "SS":
+        return [model_eval or model]
+    if eval_mode in EVAL_POOLS:
+        return list(EVAL_POOLS[eval_mode])
+    raise ValueError(f"unknown eval_mode {eval_mode!r}; choose S, M, W, D, A, P or N")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How one architecture is trained on a synthetic set."""
+    epochs: int
+    lr: float
+    batch_train: int
+    dsa_strategy: str          # 'none' unless DSA augmentation is used in evaluation
+    dc_aug: dict | None        # DC augmentation parameters (get_daparam) or None
+
+    @property
+    def augmented(self) -> bool:
+        return self.dsa_strategy != "none" or bool(self.dc_aug and self.dc_aug["strategy"] != "none")
+
+
+def eval_settings_for(model_eval: str, dataset: str, model: str, ipc: int, dsa_strategy: str,
+                      lr_net: float, batch_train: int, epoch_eval_train: int | None) -> EvalSettings:
+    """The protocol's evaluation settings for one architecture.
+
+    DSA strategy 'none' -> DC augmentation from ``get_daparam`` (MNIST, ConvNetBN);
+    epochs: ``epoch_eval_train`` when given, else 1000 with augmentation and 300 without.
+    """
+    dc_aug = None if dsa_strategy != "none" else get_daparam(dataset, model, model_eval, ipc)
+    s = EvalSettings(0, lr_net, batch_train, dsa_strategy, dc_aug)
+    epochs = epoch_eval_train if epoch_eval_train is not None else (1000 if s.augmented else 300)
+    return EvalSettings(epochs, lr_net, batch_train, dsa_strategy, dc_aug)
+
+
+def build_eval_model(name, channel, num_classes, im_size, seed: int, *purpose):
+    """Model ``name`` with weights drawn from the derived seed (same init on every device)."""
+    with seeded(seed, *purpose):
+        return build_model(name, channel, num_classes, im_size)
+
+
+def minibatches(images, labels, batch_size: int, generator: torch.Generator | None = None):
+    """Shuffled (generator given) or ordered minibatches of a tensor dataset."""
+    n = images.shape[0]
+    order = torch.randperm(n, generator=generator).to(images.device) if generator is not None else None
+    for i in range(0, n, batch_size):
+        if order is None:
+            yield images[i:i + batch_size], labels[i:i + batch_size]
+        else:
+            sel = order[i:i + batch_size]
+            yield images[sel], labels[sel]
+
+
+def _augment_fn(settings: EvalSettings, dsa_param: ParamDiffAug, generator):
+    if settings.dsa_strategy != "none":
+        return lambda x: DiffAugment(x, settings.dsa_strategy, seed=-1, param=dsa_param, generator=generator)
+    if settings.dc_aug and settings.dc_aug["strategy"] != "none":
+        return lambda x: augment(x, settings.dc_aug, generator=generator)
+    return None
+
+
+def epoch(mode, batches, net, optimizer, criterion, aug=None):
+    """One pass over ``batches`` ((images, labels) pairs). mode 'train' updates ``net``.
+
+    Returns (mean loss, accuracy); sums stay on the device until the end (one sync).
+    """
+    train = mode == "train"
+    net.train(train)
+    loss_sum = correct = None
+    count = 0
+    with torch.set_grad_enabled(train):
+        for img, lab in batches:
+            if aug is not None and train:
+                img = aug(img)
+            out = net(img)[0]
+            loss = criterion(out, lab)
+            if train:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            n_b = lab.shape[0]
+            l, c = loss.detach() * n_b, (out.argmax(1) == lab).sum()
+            loss_sum = l if loss_sum is None else loss_sum + l
+            correct = c if correct is None else correct + c
+            count += n_b
+    if count == 0:
+        return 0.0, 0.0
+    return float(loss_sum) / count, float(correct) / count
+
+
+@torch.inference_mode()
+def test_accuracy(net, images, labels, batch_size: int = 1024) -> float:
+    """Accuracy on a whole test set, eval mode, no augmentation."""
+    net.eval()
+    correct = None
+    for img, lab in minibatches(images, labels, batch_size):
+        c = (net(img)[0].argmax(1) == lab).sum()
+        correct = c if correct is None else correct + c
+    return float(correct) / images.shape[0]
+
+
+def train_and_test(net, images_train, labels_train, images_test, labels_test, settings: EvalSettings,
+                   generator: torch.Generator, dsa_param: ParamDiffAug | None = None):
+    """Trains ``net`` on (images_train, labels_train) by the protocol; returns (net, acc_train, acc_test)."""
+    dsa_param = dsa_param or ParamDiffAug()
+    criterion = nn.CrossEntropyLoss()
+    lr = settings.lr
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    aug = _augment_fn(settings, dsa_param, generator)
+    images_train, labels_train = images_train.detach(), labels_train.detach()
+    acc_train = 0.0
+    for ep in range(settings.epochs + 1):
+        _, acc_train = epoch("train", minibatches(images_train, labels_train, settings.batch_train, generator),
+                             net, opt, criterion, aug)
+        if ep == settings.epochs // 2 + 1:
+            lr *= 0.1
+            opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
+    acc_test = test_accuracy(net, images_test, labels_test)
+    return net, acc_train, acc_test
+
+
+def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args, generator=None):
+    """The seed's ``evaluate_synset``: train ``net`` on the set, return (net, acc_train, acc_test).
+
+    ``testloader`` may be a DataLoader or an (images, labels) pair. ``args`` needs
+    lr_net, batch_train, epoch_eval_train and optionally dsa_strategy / dc_aug_param /
+    dsa_param; it is only read. ``generator`` drives data order and augmentation
+    (default: seeded from ``it_eval``).
+    """
+    dsa = getattr(args, "dsa_strategy", "none") if getattr(args, "dsa", True) else "none"
+    settings = EvalSettings(int(args.epoch_eval_train), float(args.lr_net), int(args.batch_train),
+                            dsa or "none", getattr(args, "dc_aug_param", None))
+    if isinstance(testloader, (tuple, list)):
+        images_test, labels_test = testloader
+    else:
+        xs, ys = zip(*[(x, y) for x, y in testloader])
+        images_test, labels_test = torch.cat(xs), torch.cat(ys)
+    dev = next(net.parameters()).device
+    g = generator if generator is not None else torch.Generator().manual_seed(derive_seed(0, "eval", it_eval))
+    return train_and_test(net, images_train.to(dev), labels_train.to(dev), images_test.to(dev),
+                          labels_test.to(dev), settings, g, getattr(args, "dsa_param", None))

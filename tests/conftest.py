@@ -1,0 +1,39 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("DCBS_NO_DOWNLOAD", "1")
+torch.set_num_threads(1)
+
+
+def run_cli(script, *args, timeout=600, env=None):
+    """Runs one of our scripts as a user would; returns the CompletedProcess."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", DCBS_NO_DOWNLOAD="1", PYTHONHASHSEED="0")
+    e.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=e)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from dcbs.data import load_data
+    return load_data("digits")
+
+
+def tiny_args(**kw):
+    """A resolved config for in-process runs on digits, seconds each."""
+    from dcbs.config import build_parser, resolve
+    argv = ["--preset", "smoke", "--num_threads", "1"]
+    for k, v in kw.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif isinstance(v, (list, tuple)):
+            argv += [f"--{k}", *map(str, v)]
+        else:
+            argv += [f"--{k}", str(v)]
+    return build_parser().parse_args(argv)
