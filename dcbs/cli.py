@@ -117,6 +117,8 @@ def resume_config(ns, batch_sampling):
 # main
 # --------------------------------------------------------------------------- #
 def main(argv=None, batch_sampling: bool = False) -> int:
+    from .perf import tune_allocator
+    tune_allocator()
     parser = build_parser(batch_sampling)
     ns = parser.parse_args(argv)
     try:
@@ -164,7 +166,7 @@ def _main(ns, batch_sampling) -> int:
         config = dict(vars(cfg))
         config.update(cluster_info)
         config.update({"script": script, "label": method_label(cfg), "argv": sys.argv, "git_revision": git_revision(),
-                       "torch_version": torch.__version__, "device_used": str(device),
+                       "torch_version": str(torch.__version__), "device_used": str(device),
                        "num_threads_used": torch.get_num_threads(),
                        "data_source": data.source, "data_fingerprint": data.fingerprint,
                        "train_size": int(data.labels_train.numel()), "class_counts": data.class_counts,
@@ -229,7 +231,7 @@ def evaluate_saved(cfg, device) -> int:
                         f"eval_{os.path.splitext(os.path.basename(cfg.load_syn))[0]}_{time.strftime('%Y%m%d-%H%M%S')}")
     setup_logging(run.file("log.txt"))
     run.write_config(dict(vars(cfg), git_revision=git_revision(), data_fingerprint=data.fingerprint,
-                          torch_version=torch.__version__))
+                          torch_version=str(torch.__version__)))
     data.to(device)
     ev = Condenser(cfg, data, None, run, device, f"eval {os.path.basename(cfg.load_syn)}")
     acc = {}

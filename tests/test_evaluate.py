@@ -1,0 +1,72 @@
+import torch
+
+import dcbs.evaluate as ev
+from dcbs.evaluate import EvalSettings, eval_settings_for, evaluate_synset, get_eval_pool, train_and_test
+from networks import build_model
+
+
+def test_learning_rate_drops_tenfold_after_half_the_epochs(monkeypatch):
+    """Reference: Epoch+1 epochs; after epoch Epoch//2+1 a new SGD with lr x0.1 (momentum restarts)."""
+    created, epochs_done = [], []
+    real_sgd = torch.optim.SGD
+
+    def spy_sgd(params, lr, **kw):
+        created.append((lr, len(epochs_done), kw))
+        return real_sgd(params, lr=lr, **kw)
+
+    real_epoch = ev.epoch
+
+    def spy_epoch(*a, **kw):
+        epochs_done.append(1)
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(ev.torch.optim, "SGD", spy_sgd)
+    monkeypatch.setattr(ev, "epoch", spy_epoch)
+    net = build_model("ConvNetW32", 1, 10, (28, 28))
+    x, y = torch.randn(20, 1, 28, 28), torch.arange(10).repeat(2)
+    s = EvalSettings(epochs=10, lr=0.01, batch_train=8, dsa_strategy="none", dc_aug=None)
+    train_and_test(net, x, y, x, y, s, torch.Generator().manual_seed(0))
+    assert len(epochs_done) == 11  # Epoch + 1 epochs, as the reference
+    assert [round(c[0], 8) for c in created] == [0.01, 0.001]
+    assert created[1][1] == 10 // 2 + 2  # new optimizer right after epoch index Epoch//2+1
+    assert all(c[2] == {"momentum": 0.9, "weight_decay": 0.0005} for c in created)
+
+
+def test_evaluation_epochs_default_by_augmentation():
+    f = lambda arch, ds, dsa, given=None: eval_settings_for(arch, ds, "ConvNet", 1, dsa, 0.01, 256, given).epochs
+    assert f("ConvNet", "CIFAR10", "none") == 300
+    assert f("ConvNet", "MNIST", "none") == 1000          # DC augmentation for MNIST
+    assert f("ConvNetBN", "CIFAR10", "none") == 1000      # crop_noise for BatchNorm ConvNet
+    assert f("ConvNet", "CIFAR10", "color_crop") == 1000   # DSA
+    assert f("ConvNet", "CIFAR10", "color_crop", 42) == 42  # a value given is always respected
+
+
+def test_eval_pools():
+    assert get_eval_pool("S", "ConvNet") == ["ConvNet"]
+    assert get_eval_pool("M", "ConvNet") == ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"]
+    assert "ConvNetBN" in get_eval_pool("N", "ConvNet")
+
+
+def test_training_learns_a_separable_set_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 28, 28, generator=g)
+    y = torch.arange(10).repeat(4)
+    x = x + 3 * torch.nn.functional.one_hot(y, 28 * 28)[:, :].view(40, 1, 28, 28).float() * 10
+    s = EvalSettings(epochs=30, lr=0.01, batch_train=16, dsa_strategy="none", dc_aug=None)
+    accs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        net = build_model("ConvNetW32", 1, 10, (28, 28))
+        _, acc_train, acc_test = train_and_test(net, x, y, x, y, s, torch.Generator().manual_seed(5))
+        accs.append(acc_test)
+    assert accs[0] == accs[1] and accs[0] > 0.5
+
+
+def test_seed_signature_evaluate_synset_with_dataloader():
+    from types import SimpleNamespace
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = torch.randn(10, 1, 28, 28), torch.arange(10)
+    args = SimpleNamespace(lr_net=0.01, batch_train=256, epoch_eval_train=2, dsa=False, dc_aug_param=None)
+    net, acc_train, acc_test = evaluate_synset(0, build_model("ConvNetW32", 1, 10, (28, 28)), x, y,
+                                               DataLoader(TensorDataset(x, y), batch_size=4), args)
+    assert 0.0 <= acc_test <= 1.0 and args.epoch_eval_train == 2  # args is not modified
