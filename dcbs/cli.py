@@ -57,7 +57,8 @@ def cluster_source(cfg, data):
     """Loads and validates the cluster file for Batch Sampling; returns (clusters, info for config)."""
     from .clusters import ClusterFileError, cluster_command, cluster_file_name, load_clusters
     cmd = cluster_command(cfg.dataset, cfg.data_path, cfg.num_cluster, cfg.layer_idx, cfg.norm,
-                          model=cfg.cluster_model, margin=cfg.margin)
+                          model=cfg.cluster_model, margin=cfg.margin,
+                          cluster_path=None if cfg.cluster_path == "checkpoints" else cfg.cluster_path)
     if cfg.cluster_file:
         path = cfg.cluster_file
         keys = {"num_cluster": "k", "layer_idx": "layer_idx", "norm": "norm", "cluster_model": "model",
@@ -69,6 +70,8 @@ def cluster_source(cfg, data):
         expect = {"k": cfg.num_cluster, "layer_idx": cfg.layer_idx, "norm": cfg.norm, "model": cfg.cluster_model,
                   "margin": cfg.margin}
     expect["dataset"] = cfg.dataset
+    if cfg.cluster_file:
+        cmd += " (then pass the file it writes to --cluster_file, or drop --cluster_file)"
     if not os.path.isfile(path):
         raise ClusterFileError(f"cluster file {path} not found; make it with: {cmd}")
     clusters, meta = load_clusters(path, data, expect=expect, fix_command=cmd)
@@ -154,6 +157,9 @@ def _main(ns, batch_sampling) -> int:
     cluster_info, make_sampler = {}, None
     if batch_sampling:
         clusters, cluster_info = cluster_source(cfg, data)
+        if cfg.cluster_file:  # the file's own k / layer / norm are the effective settings
+            cfg = SimpleNamespace(**{**vars(cfg), "num_cluster": cluster_info["cluster_k"],
+                                     "layer_idx": cluster_info["cluster_layer"], "norm": cluster_info["cluster_norm"]})
         mix_after = cfg.mix_after if cfg.mix else None
         make_sampler = lambda exp: ClusterSampler(clusters, derive_seed(cfg.seed, "sampler", exp),
                                                   cfg.cluster_weighting, mix_after)

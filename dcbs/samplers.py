@@ -62,6 +62,8 @@ class ClusterSampler(ClassSampler):
         self._weights = [torch.tensor([float(len(ix)) for ix in per_class]) for per_class in self.clusters]
 
     def pick_cluster(self, c: int) -> int:
+        if len(self.clusters[c]) == 1:  # nothing to pick: draw exactly as ClassSampler does
+            return 0
         if self.weighting == "size":
             return int(torch.multinomial(self._weights[c], 1, generator=self.generator))
         return int(torch.randint(len(self.clusters[c]), (1,), generator=self.generator))
