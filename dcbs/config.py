@@ -172,6 +172,19 @@ def validate(cfg: dict) -> None:
     if cfg["device"] not in ("auto", "cpu") and not str(cfg["device"]).startswith("cuda"):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg['device']!r})")
     if cfg["resume"] is None and cfg["save_path"]:
-        sp = cfg["save_path"]
-        parent = sp if os.path.isdir(sp) else os.path.dirname(os.path.abspath(sp))
-        need(os.access(parent, os.W_OK), f"--save_path {sp} is not writable: choose another folder")
+        need(_writable(cfg["save_path"]), f"--save_path {cfg['save_path']} is not writable: choose another folder")
+
+
+def _writable(path: str) -> bool:
+    """Whether files can be created at ``path`` (or in its nearest existing parent), tried for real."""
+    import tempfile
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        return False
+    try:
+        tempfile.TemporaryFile(dir=p).close()
+        return True
+    except OSError:
+        return False

@@ -125,12 +125,15 @@ def test_finished_run_is_not_resumed(tmp_path):
 
 
 def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path):
-    r = run_cli("main.py", "--preset", "smoke", "--lr_img", "1e39", "--Iteration", 3, "--eval_it", 0,
-                "--save_path", tmp_path, "--run_name", "n")
-    assert r.returncode == 2
-    assert "non-finite" in r.stderr and "iteration 0" in r.stderr and "lr_img" in r.stderr
+    r = run_cli("main.py", "--preset", "smoke", "--lr_img", "1e30", "--Iteration", 5, "--eval_it", 0,
+                "--model", "ConvNetW32", "--save_path", tmp_path, "--run_name", "n")
+    assert r.returncode == 2, r.stderr
+    err = [l for l in r.stderr.splitlines() if l.startswith("error:")][0]
+    assert "non-finite" in err and "iteration" in err and "lr_img" in err
+    failed_at = int(err.split("iteration ")[1].split()[0])
     s = torch.load(tmp_path / "n" / "checkpoint.pt", weights_only=True)
-    assert s["next_it"] == 0 and torch.isfinite(s["image_syn"]).all()
+    assert s["next_it"] <= failed_at and torch.isfinite(s["image_syn"]).all()
+    assert not os.path.exists(tmp_path / "n" / "DONE")
 
 
 @pytest.mark.parametrize("script,extra,needle", [
