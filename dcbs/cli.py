@@ -26,6 +26,8 @@ log = logging.getLogger("dcbs")
 
 # settings that may differ on --resume without changing the result
 RESUME_FREE = {"device", "num_threads", "ckpt_every", "resume", "save_path", "explicit", "run_name"}
+# eval_batch changes accuracies only by floating-point rounding, so it may change on resume too
+RESUME_FREE |= {"eval_batch"}
 ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted)
 
 

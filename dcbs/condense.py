@@ -30,7 +30,8 @@ import torch.nn as nn
 from networks import build_model
 from .augment import DiffAugment, ParamDiffAug
 from .data import RealData, denormalize
-from .evaluate import build_eval_model, eval_settings_for, get_eval_pool, train_and_test, minibatches, epoch
+from .evaluate import (batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, minibatches,
+                       train_and_test, train_and_test_batched)
 from .matching import get_loops, match_loss
 from .samplers import ClassSampler
 from .seeding import derive_seed, generator, seeded
@@ -283,15 +284,24 @@ class Condenser:
         for arch in self.eval_pool:
             s = self.eval_settings(arch)
             accs, t0 = [], time.time()
-            for i in tqdm(range(c.num_eval), desc=f"eval {arch} it {it}", leave=False, disable=None):
-                net = build_eval_model(arch, d.channel, d.num_classes, d.im_size, c.seed, "eval", exp, it, arch, i)
-                net = net.to(self.device)
-                g = generator(c.seed, "evaltrain", exp, it, arch, i)
-                _, acc_train, acc_test = train_and_test(net, images, labels, d.images_test, d.labels_test, s, g,
-                                                        self.dsa_param)
-                accs.append(acc_test)
+            group = max(1, int(getattr(c, "eval_batch", 1)))
+            bar = tqdm(total=c.num_eval, desc=f"eval {arch} it {it}", leave=False, disable=None)
+            for start in range(0, c.num_eval, group):
+                ids = range(start, min(start + group, c.num_eval))
+                nets = [build_eval_model(arch, d.channel, d.num_classes, d.im_size, c.seed, "eval", exp, it, arch, i)
+                        .to(self.device) for i in ids]
+                gens = [generator(c.seed, "evaltrain", exp, it, arch, i) for i in ids]
+                if len(nets) > 1 and batchable(nets[0]):
+                    accs += train_and_test_batched(nets, images, labels, d.images_test, d.labels_test, s, gens,
+                                                   self.dsa_param)[2]
+                else:
+                    accs += [train_and_test(net, images, labels, d.images_test, d.labels_test, s, g,
+                                            self.dsa_param)[2] for net, g in zip(nets, gens)]
+                bar.update(len(nets))
                 if self.stop_requested:
+                    bar.close()
                     return None
+            bar.close()
             out[arch] = accs
             log.info("%s exp %d it %d: %s %d epochs%s: %.2f%% ± %.2f over %d models (%.1f s)", self.label, exp, it,
                      arch, s.epochs, " (augmented)" if s.augmented else "", 100 * np.mean(accs),

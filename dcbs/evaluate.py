@@ -174,3 +174,78 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args, 
     g = generator if generator is not None else torch.Generator().manual_seed(derive_seed(0, "eval", it_eval))
     return train_and_test(net, images_train.to(dev), labels_train.to(dev), images_test.to(dev),
                           labels_test.to(dev), settings, g, getattr(args, "dsa_param", None))
+
+
+# --------------------------------------------------------------------------- #
+# many models at once (torch.func): the same protocol, model i as if trained alone
+# --------------------------------------------------------------------------- #
+def batchable(net: nn.Module) -> bool:
+    """Models without BatchNorm (running statistics) can be trained together with vmap."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def train_and_test_batched(nets, images_train, labels_train, images_test, labels_test, settings: EvalSettings,
+                           generators, dsa_param: ParamDiffAug | None = None, test_batch: int = 2048):
+    """Trains ``nets`` together (``torch.func.vmap``) by the protocol of ``train_and_test``.
+
+    Model i draws its data order and augmentation from ``generators[i]`` in the same
+    sequence as ``train_and_test(nets[i], ..., generators[i])``, and its SGD (momentum
+    0.9, weight decay 5e-4, lr x0.1 with a fresh momentum after epoch Epoch//2+1) is
+    the same arithmetic, so model i ends as it would alone, up to floating-point
+    rounding. Returns (stacked final parameters, [acc_train], [acc_test]).
+    """
+    import copy
+    from torch.func import functional_call, grad, stack_module_state, vmap
+    if not all(batchable(n) for n in nets):
+        raise ValueError("train_and_test_batched needs models without BatchNorm; use train_and_test")
+    dsa_param = dsa_param or ParamDiffAug()
+    params, buffers = stack_module_state(list(nets))
+    params = {k: v.detach().clone() for k, v in params.items()}
+    base = copy.deepcopy(nets[0]).to("meta")
+
+    def loss_fn(p, b, x, y):
+        out = functional_call(base, (p, b), (x,))[0]
+        return nn.functional.cross_entropy(out, y), out
+
+    step = vmap(grad(loss_fn, has_aux=True))
+    augs = [_augment_fn(settings, dsa_param, g) for g in generators]
+    images_train, labels_train = images_train.detach(), labels_train.detach()
+    n, dev, lr, bufs = images_train.shape[0], images_train.device, settings.lr, None
+    correct = [0] * len(nets)
+    for ep in range(settings.epochs + 1):
+        orders = [torch.randperm(n, generator=g).to(dev) for g in generators]
+        hits = None
+        for i in range(0, n, settings.batch_train):
+            xs, ys = [], []
+            for order, aug in zip(orders, augs):
+                sel = order[i:i + settings.batch_train]
+                x = images_train[sel]
+                xs.append(aug(x) if aug is not None else x)
+                ys.append(labels_train[sel])
+            X, Y = torch.stack(xs), torch.stack(ys)
+            grads, out = step(params, buffers, X, Y)
+            with torch.no_grad():
+                h = (out.argmax(-1) == Y).sum(1)
+                hits = h if hits is None else hits + h
+                new_bufs = {}
+                for k, p in params.items():
+                    d_p = grads[k].add(p, alpha=0.0005)
+                    buf = d_p.clone() if bufs is None else bufs[k].mul_(0.9).add_(d_p)
+                    new_bufs[k] = buf
+                    p.add_(buf, alpha=-lr)
+                bufs = new_bufs
+        correct = hits.tolist()
+        if ep == settings.epochs // 2 + 1:
+            lr *= 0.1
+            bufs = None  # the reference builds a new optimizer: momentum restarts
+    acc_train = [c / n for c in correct]
+
+    fwd = vmap(lambda p, b, x: functional_call(base, (p, b), (x,))[0], in_dims=(0, 0, None))
+    chunk = max(64, test_batch // len(nets))
+    hits = None
+    with torch.inference_mode():
+        for img, lab in minibatches(images_test, labels_test, chunk):
+            h = (fwd(params, buffers, img).argmax(-1) == lab).sum(1)
+            hits = h if hits is None else hits + h
+    acc_test = [c / images_test.shape[0] for c in hits.tolist()]
+    return params, acc_train, acc_test

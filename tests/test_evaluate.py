@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import dcbs.evaluate as ev
@@ -70,3 +71,39 @@ def test_seed_signature_evaluate_synset_with_dataloader():
     net, acc_train, acc_test = evaluate_synset(0, build_model("ConvNetW32", 1, 10, (28, 28)), x, y,
                                                DataLoader(TensorDataset(x, y), batch_size=4), args)
     assert 0.0 <= acc_test <= 1.0 and args.epoch_eval_train == 2  # args is not modified
+
+
+@pytest.mark.parametrize("dsa", ["none", "color_crop_cutout_scale_rotate"])
+def test_batched_models_equal_models_trained_alone(dsa):
+    from dcbs.evaluate import train_and_test_batched
+    from dcbs.seeding import generator, seeded
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 1, 28, 28, generator=g), torch.arange(10).repeat(2)
+    xt, yt = torch.randn(60, 1, 28, 28, generator=g), torch.randint(0, 10, (60,), generator=g)
+    s = EvalSettings(epochs=5, lr=0.01, batch_train=8, dsa_strategy=dsa, dc_aug=None)
+
+    def model(i):
+        with seeded(0, "m", i):
+            return build_model("ConvNetW32", 1, 10, (28, 28))
+
+    alone = [train_and_test(model(i), x, y, xt, yt, s, generator(0, "g", i)) for i in range(3)]
+    params, acc_train, acc_test = train_and_test_batched([model(i) for i in range(3)], x, y, xt, yt, s,
+                                                         [generator(0, "g", i) for i in range(3)])
+    assert acc_test == [a[2] for a in alone] and acc_train == [a[1] for a in alone]
+    for i, (net, _, _) in enumerate(alone):
+        for k, v in net.state_dict().items():
+            assert torch.allclose(params[k][i], v, atol=1e-5), k
+    # the models in a batch are different models (own init and data order)
+    w = params["blocks.0.0.weight"]
+    assert not torch.allclose(w[0], w[1]) and not torch.allclose(w[1], w[2])
+    first = {k: torch.stack([model(i).state_dict()[k] for i in range(3)]) for k in params}
+    assert not torch.allclose(first["blocks.0.0.weight"][0], first["blocks.0.0.weight"][1])
+
+
+def test_batched_refuses_batchnorm_models():
+    from dcbs.evaluate import batchable, train_and_test_batched
+    bn = build_model("ConvNetBN", 1, 10, (28, 28))
+    assert not batchable(bn) and batchable(build_model("ConvNet", 1, 10, (28, 28)))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_and_test_batched([bn, bn], torch.randn(2, 1, 28, 28), torch.arange(2), torch.randn(2, 1, 28, 28),
+                               torch.arange(2), EvalSettings(1, 0.01, 2, "none", None), [None, None])
