@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from .clusters import ClusterFileError
 from .condense import Condenser, Interrupted, NonFiniteError
 from .config import ConfigError, build_parser, resolve
 from .data import DataError, load_data
@@ -28,7 +29,7 @@ log = logging.getLogger("dcbs")
 RESUME_FREE = {"device", "num_threads", "ckpt_every", "resume", "save_path", "explicit", "run_name"}
 # eval_batch changes accuracies only by floating-point rounding, so it may change on resume too
 RESUME_FREE |= {"eval_batch"}
-ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted)
+ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted, ClusterFileError)
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,7 +58,7 @@ def default_run_name(cfg) -> str:
 # --------------------------------------------------------------------------- #
 def cluster_source(cfg, data):
     """Loads and validates the cluster file for Batch Sampling; returns (clusters, info for config)."""
-    from .clusters import ClusterFileError, cluster_command, cluster_file_name, load_clusters
+    from .clusters import cluster_command, cluster_file_name, load_clusters
     cmd = cluster_command(cfg.dataset, cfg.data_path, cfg.num_cluster, cfg.layer_idx, cfg.norm,
                           model=cfg.cluster_model, margin=cfg.margin,
                           cluster_path=None if cfg.cluster_path == "checkpoints" else cfg.cluster_path)
@@ -80,14 +81,6 @@ def cluster_source(cfg, data):
     info = {"cluster_file": os.path.abspath(path), "cluster_file_sha256": file_sha256(path),
             "cluster_k": meta.get("k"), "cluster_layer": meta.get("layer_idx"), "cluster_norm": meta.get("norm")}
     return clusters, info
-
-
-def cluster_errors():
-    try:
-        from .clusters import ClusterFileError
-        return (ClusterFileError,)
-    except ImportError:
-        return ()
 
 
 # --------------------------------------------------------------------------- #
@@ -128,8 +121,10 @@ def main(argv=None, batch_sampling: bool = False) -> int:
     ns = parser.parse_args(argv)
     try:
         return _main(ns, batch_sampling)
-    except ERRORS + cluster_errors() as e:
-        log.error("error: %s", e) if logging.getLogger().handlers else None
+    except ERRORS as e:
+        for h in logging.getLogger().handlers:  # keep the reason in the run's log.txt too
+            if isinstance(h, logging.FileHandler):
+                h.emit(logging.makeLogRecord({"msg": f"error: {e}", "levelno": logging.ERROR}))
         print(f"error: {e}", file=sys.stderr)
         return 130 if isinstance(e, Interrupted) else 2
 
@@ -146,9 +141,6 @@ def _main(ns, batch_sampling) -> int:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = pick_device(cfg.device)
-    if not run and not getattr(cfg, "load_syn", None):
-        if cfg.dataset != "digits" and not os.path.exists(cfg.data_path):
-            pass  # torchvision may still download it; load_data explains what it looked for
     if getattr(cfg, "load_syn", None):
         return evaluate_saved(cfg, device)
 
