@@ -107,3 +107,17 @@ def test_batched_refuses_batchnorm_models():
     with pytest.raises(ValueError, match="BatchNorm"):
         train_and_test_batched([bn, bn], torch.randn(2, 1, 28, 28), torch.arange(2), torch.randn(2, 1, 28, 28),
                                torch.arange(2), EvalSettings(1, 0.01, 2, "none", None), [None, None])
+
+
+def test_eval_mode_m_trains_every_listed_architecture(digits, tmp_path):
+    """Cross-architecture evaluation: one mean per architecture of the M pool (1 epoch, tiny data)."""
+    from types import SimpleNamespace
+    from dcbs.condense import Condenser
+    cfg = SimpleNamespace(method="DC", eval_mode="M", model="ConvNet", num_eval=1, eval_batch=1, seed=0,
+                          dataset="digits", ipc=1, dsa_strategy="none", lr_net=0.01, batch_train=256,
+                          epoch_eval_train=1)
+    ev = Condenser(cfg, digits, None, None, torch.device("cpu"), "test")
+    x = digits.images_train[[int(ix[0]) for ix in digits.indices_class]]
+    out = ev.evaluate(x, torch.arange(10), 0, 0)
+    assert sorted(out) == sorted(["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"])
+    assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in out.values())
