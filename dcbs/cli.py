@@ -17,7 +17,7 @@ from .clusters import ClusterFileError
 from .condense import Condenser, Interrupted, NonFiniteError
 from .config import ConfigError, build_parser, resolve
 from .data import DataError, load_data
-from .evaluate import get_eval_pool
+from .evaluate import eval_settings_for, get_eval_pool
 from .io import FileFormatError, file_sha256, safe_load
 from .rundir import RunDir, RunDirError, git_revision, setup_logging
 from .samplers import ClassSampler, ClusterSampler
@@ -170,7 +170,10 @@ def _main(ns, batch_sampling) -> int:
                        "num_threads_used": torch.get_num_threads(),
                        "data_source": data.source, "data_fingerprint": data.fingerprint,
                        "train_size": int(data.labels_train.numel()), "class_counts": data.class_counts,
-                       "mean": data.mean, "std": data.std, "run_dir": run.path})
+                       "mean": data.mean, "std": data.std, "run_dir": run.path,
+                       "eval_epochs": {a: eval_settings_for(a, cfg.dataset, cfg.model, cfg.ipc, cfg.dsa_strategy,
+                                                            cfg.lr_net, cfg.batch_train, cfg.epoch_eval_train).epochs
+                                       for a in get_eval_pool(cfg.eval_mode, cfg.model)}})
         run.write_config(config)
     else:
         config = run.read_config()
