@@ -43,7 +43,7 @@ METHOD_DEFAULTS = {
 
 PRESETS = {
     # the README's two-command demo: embedded digits, a few minutes on a CPU
-    "demo": dict(dataset="digits", Iteration=20, num_exp=1, num_eval=3, eval_every=10, epoch_eval_train=150),
+    "demo": dict(dataset="digits", Iteration=20, num_exp=1, num_eval=3, eval_every=20, epoch_eval_train=150),
     # reduced protocol for CPU tries on real data: 200 iterations, 10 models at 0/100/200
     "cpu": dict(Iteration=200, num_exp=1, num_eval=10, eval_every=100),
     # smoke test: seconds
