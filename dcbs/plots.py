@@ -232,16 +232,20 @@ def _short(name: str) -> str:
     return name[:-len(".weight")] if name.endswith(".weight") else name
 
 
-def grad_norm_figure(runs, path: str, all_params: bool = False, exp: int = 0) -> str:
-    """Grouped bars (seed Figures 6/7): per weight tensor, the mean over iterations of the real
-    (top row) and synthetic (bottom row) gradient L2 norm, one bar per run; whiskers: std over
-    iterations."""
-    plt = _pyplot()
+def _grad_setup(runs, all_params):
+    """pyplot, the runs that have gradient columns, the tensors to draw and one colour per run."""
     runs = [r for r in runs if r.has_grads]
     params = weight_params(runs, all_params)
     if not params:
         raise PlotError("no gradient columns to plot")
-    colors = _colors(len(runs))
+    return _pyplot(), runs, params, _colors(len(runs))
+
+
+def grad_norm_figure(runs, path: str, all_params: bool = False, exp: int = 0) -> str:
+    """Grouped bars (seed Figures 6/7): per weight tensor, the mean over iterations of the real
+    (top row) and synthetic (bottom row) gradient L2 norm, one bar per run; whiskers: std over
+    iterations."""
+    plt, runs, params, colors = _grad_setup(runs, all_params)
     ncol = len(params)
     fig, axes = plt.subplots(2, ncol, figsize=(max(4.0, 2.0 + 1.6 * ncol + 0.25 * len(runs) * ncol), 6.0),
                              squeeze=False)
@@ -273,12 +277,7 @@ def grad_norm_figure(runs, path: str, all_params: bool = False, exp: int = 0) ->
 
 def grad_norm_lines_figure(runs, path: str, all_params: bool = False, smooth: int = 1, exp: int = 0) -> str:
     """Per weight tensor, real (solid) and synthetic (dashed) gradient L2 norm over iterations."""
-    plt = _pyplot()
-    runs = [r for r in runs if r.has_grads]
-    params = weight_params(runs, all_params)
-    if not params:
-        raise PlotError("no gradient columns to plot")
-    colors = _colors(len(runs))
+    plt, runs, params, colors = _grad_setup(runs, all_params)
     ncol = min(4, len(params))
     nrow = -(-len(params) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow + 0.8), squeeze=False)
