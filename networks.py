@@ -10,7 +10,6 @@ the ones of the public DC/DSA/DM code (ConvNet, ConvNetW128, ConvNetBN, ...).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

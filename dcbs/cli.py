@@ -209,7 +209,6 @@ def _main(ns, batch_sampling) -> int:
 
 def evaluate_saved(cfg, device) -> int:
     """--load_syn FILE: evaluate every synthetic set in FILE (ours or the reference's .pt)."""
-    from .condense import Condenser
     obj = safe_load(cfg.load_syn, "synthetic set")
     if not isinstance(obj, dict) or "data" not in obj or not obj["data"]:
         raise FileFormatError(f"synthetic set {cfg.load_syn} has no 'data' list of [images, labels] "

@@ -23,17 +23,3 @@ def run_cli(script, *args, timeout=600, env=None):
 def digits():
     from dcbs.data import load_data
     return load_data("digits")
-
-
-def tiny_args(**kw):
-    """A resolved config for in-process runs on digits, seconds each."""
-    from dcbs.config import build_parser, resolve
-    argv = ["--preset", "smoke", "--num_threads", "1"]
-    for k, v in kw.items():
-        if v is True:
-            argv.append(f"--{k}")
-        elif isinstance(v, (list, tuple)):
-            argv += [f"--{k}", *map(str, v)]
-        else:
-            argv += [f"--{k}", str(v)]
-    return build_parser().parse_args(argv)

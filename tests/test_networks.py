@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import networks
 from networks import build_model, model_names, num_feature_layers
 
 
