@@ -30,14 +30,14 @@ import torch.nn as nn
 from networks import build_model
 from .augment import DiffAugment, ParamDiffAug
 from .data import RealData, denormalize
-from .evaluate import (batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, minibatches,
-                       train_and_test, train_and_test_batched)
+from .evaluate import (batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, has_batchnorm,
+                       minibatches, train_and_test, train_and_test_batched)
 from .matching import get_loops, match_loss
 from .samplers import ClassSampler
 from .seeding import derive_seed, generator, seeded
 
 __all__ = ["Condenser", "gradient_matching_step", "distribution_matching_step", "STEPS", "init_synthetic",
-           "NonFiniteError", "Interrupted", "Diagnostics", "has_batchnorm"]
+           "NonFiniteError", "Interrupted", "Diagnostics"]
 
 log = logging.getLogger("dcbs")
 
@@ -72,10 +72,6 @@ class NonFiniteError(RuntimeError):
 
 class Interrupted(RuntimeError):
     pass
-
-
-def has_batchnorm(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 def init_synthetic(data: RealData, ipc: int, init: str, seed: int, exp: int, device):

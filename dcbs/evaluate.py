@@ -179,9 +179,13 @@ def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args, 
 # --------------------------------------------------------------------------- #
 # many models at once (torch.func): the same protocol, model i as if trained alone
 # --------------------------------------------------------------------------- #
+def has_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 def batchable(net: nn.Module) -> bool:
     """Models without BatchNorm (running statistics) can be trained together with vmap."""
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    return not has_batchnorm(net)
 
 
 def train_and_test_batched(nets, images_train, labels_train, images_test, labels_test, settings: EvalSettings,
