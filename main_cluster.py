@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="every random source derives from it")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--extract_batch", type=int, default=500, help="batch size of feature extraction")
+    p.add_argument("--no_feature_cache", action="store_true",
+                   help="always recompute the features (default: reuse <cluster_path>/features_<extractor>_l<layer>.pt "
+                        "when the same extractor, layer and data made it)")
     g = p.add_argument_group("feature extractor")
     g.add_argument("--extractor", default=None,
                    help="extractor checkpoint (ours or a bare state_dict); default <cluster_path>/<model>_<dataset>.pt")
@@ -206,8 +209,14 @@ def _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start) -> s
 
     # ---- features and clusters -----------------------------------------------------------------
     t0 = time.time()
-    feats = ex.extract_features(net, data.images_train, args.layer_idx, args.extract_batch, device)
-    log(f"features: layer {args.layer_idx}, {tuple(feats.shape)} ({time.time() - t0:.1f}s)")
+    if args.no_feature_cache:
+        feats, hit = ex.extract_features(net, data.images_train, args.layer_idx, args.extract_batch, device), False
+    else:
+        cache = ex.feature_cache_path(args.cluster_path, ext_path, args.layer_idx)
+        feats, hit = ex.cached_features(cache, net, data.images_train, args.layer_idx, info["sha256"],
+                                        data.fingerprint, args.extract_batch, device, log=log)
+    log(f"features: layer {args.layer_idx}, {tuple(feats.shape)}{' from the cache ' + cache if hit else ''} "
+        f"({time.time() - t0:.1f}s)")
     t0 = time.time()
     clusters, cinfo = cl.cluster_dataset(feats, data.indices_class, args.num_cluster, args.norm, args.margin,
                                          args.seed, n_init=args.n_init, class_names=data.class_names)
@@ -276,6 +285,8 @@ def _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start) -> s
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from dcbs.perf import tune_allocator
+    tune_allocator()
     try:
         run(args, argv)
     except ex.TrainingInterrupted as e:

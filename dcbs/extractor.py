@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcbs.io import atomic_save, file_sha256, safe_load
+from dcbs.io import FileFormatError, atomic_save, file_sha256, safe_load
 from dcbs.seeding import generator, seeded
 from networks import build_model, model_names, num_feature_layers
 
@@ -197,6 +197,36 @@ def extract_features(net: nn.Module, images: torch.Tensor, layer_idx: int, batch
     return torch.cat(out) if out else torch.empty(0)
 
 
+FEATURE_KIND = "dcbs-features-v1"
+
+
+def feature_cache_path(cluster_path: str, extractor_path: str, layer_idx: int) -> str:
+    stem = os.path.splitext(os.path.basename(extractor_path))[0]
+    return os.path.join(cluster_path, f"features_{stem}_l{int(layer_idx)}.pt")
+
+
+def cached_features(path: str, net: nn.Module, images: torch.Tensor, layer_idx: int, extractor_sha256: str,
+                    fingerprint: str, batch_size: int = 500, device="cpu", log=print):
+    """``extract_features`` through a cache file: reused only when it was made by the same
+    extractor (sha256), layer and data (fingerprint); otherwise recomputed and written atomically.
+    Returns (features, whether they came from the cache)."""
+    key = {"extractor_sha256": extractor_sha256, "layer_idx": int(layer_idx), "fingerprint": fingerprint}
+    if os.path.isfile(path):
+        try:
+            ck = safe_load(path, what="feature cache", weights_only=True)
+        except FileFormatError as e:
+            log(f"feature cache {path} unreadable ({e}); recomputing")
+            ck = None
+        if (isinstance(ck, dict) and ck.get("kind") == FEATURE_KIND and all(ck.get(k) == v for k, v in key.items())
+                and tuple(ck["features"].shape[:1]) == (images.shape[0],)):
+            return ck["features"], True
+        if ck is not None:
+            log(f"feature cache {path} was made by another extractor, layer or dataset; recomputing")
+    feats = extract_features(net, images, layer_idx, batch_size, device)
+    atomic_save({"kind": FEATURE_KIND, **key, "features": feats}, path)
+    return feats, False
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, device="cpu",
              batch_size: int = 500) -> float:
@@ -294,6 +324,12 @@ def _config_diff(saved: dict, cfg: TrainConfig) -> list[str]:
     return [f"{k}: saved {saved.get(k)!r}, now {now[k]!r}" for k in now if saved.get(k) != now[k]]
 
 
+def _layout(model: str) -> torch.memory_format:
+    """channels_last for BatchNorm ResNets: one ResNet18BN step of 128 CIFAR images took 3.3-3.7 s
+    instead of 4.0-4.7 s on the 2-core CPU; the GroupNorm (instance-norm) models were not faster."""
+    return torch.channels_last if model.endswith("BN") else torch.contiguous_format
+
+
 def train_extractor(cfg: TrainConfig, data, out_path: str, device="cpu", resume: bool = False,
                     overwrite: bool = False, log=print, resume_command: str | None = None,
                     stop: StopFlag | None = None, on_step=None, progress: bool = True) -> dict:
@@ -327,6 +363,8 @@ def train_extractor(cfg: TrainConfig, data, out_path: str, device="cpu", resume:
         copied = imagenet_init(net)
         log(f"initialised {cfg.model} from ImageNet ResNet18 ({len(copied)} entries; stem and classifier fresh)")
     net = net.to(device)
+    layout = _layout(cfg.model)
+    net = net.to(memory_format=layout)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
@@ -400,7 +438,7 @@ def train_extractor(cfg: TrainConfig, data, out_path: str, device="cpu", resume:
                 ix = perm[s * bs:(s + 1) * bs]
                 x = data.images_train[ix].to(device)
                 y = data.labels_train[ix].to(device)
-                x = random_crop_flip(x, cfg.crop_pad, cfg.flip, g)
+                x = random_crop_flip(x, cfg.crop_pad, cfg.flip, g).contiguous(memory_format=layout)
                 logits, _ = net(x)
                 loss = criterion(logits, y)
                 opt.zero_grad(set_to_none=True)

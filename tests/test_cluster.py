@@ -507,6 +507,7 @@ def test_end_to_end_command_line(tmp_path, digits):
                                       expect={"k": 4, "layer_idx": 2, "norm": True, "model": TINY, "margin": 10})
     assert meta["extractor_test_acc"] == ck["meta"]["test_acc"]
     assert meta["extractor_name"] == ext_file.name
+    assert (tmp_path / "ck" / f"features_{TINY}_digits_l2.pt").is_file()   # reused by the next clustering
     stem = Path(name).stem
     for fig in (f"{stem}_class3_clusters.png", f"{stem}_class3_tsne.png", f"{stem}.log", f"{stem}_config.json"):
         assert (tmp_path / "res" / fig).stat().st_size > 0, fig
@@ -514,3 +515,21 @@ def test_end_to_end_command_line(tmp_path, digits):
     r2 = subprocess.run([sys.executable, "main_cluster.py", *argv], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
     assert r2.returncode == 2 and "already exists" in r2.stderr and "--overwrite" in r2.stderr
+
+
+def test_feature_cache_is_reused_only_for_the_same_extractor_layer_and_data(tmp_path, digits):
+    net = ex.build_extractor(TINY, 1, 10, (28, 28), seed=0)
+    images = digits.images_train[:64]
+    path = str(tmp_path / "features.pt")
+    logs = []
+    f1, hit1 = ex.cached_features(path, net, images, 1, "sha-a", "fp", batch_size=32, log=logs.append)
+    f2, hit2 = ex.cached_features(path, net, images, 1, "sha-a", "fp", batch_size=32, log=logs.append)
+    assert (hit1, hit2) == (False, True) and torch.equal(f1, f2)
+    assert torch.equal(f1, ex.extract_features(net, images, 1, 32, progress=False))
+    for sha, layer, fp in (("sha-b", 1, "fp"), ("sha-b", 0, "fp"), ("sha-b", 0, "other")):
+        f, hit = ex.cached_features(path, net, images, layer, sha, fp, batch_size=32, log=logs.append)
+        assert not hit and torch.equal(f, ex.extract_features(net, images, layer, 32, progress=False))
+    assert sum("recomputing" in m for m in logs) == 3
+    open(path, "wb").write(b"truncated")
+    f, hit = ex.cached_features(path, net, images, 0, "sha-b", "other", batch_size=32, log=logs.append)
+    assert not hit and "unreadable" in logs[-1]
