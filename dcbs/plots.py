@@ -315,12 +315,50 @@ def loss_figure(runs, path: str, smooth: int = 1, exp: int = 0) -> str:
     return _save(fig, path)
 
 
+def synthetic_figure(runs, path: str, exp: int = 0) -> str | None:
+    """Figure 5: each run's final synthetic set (``syn_exp<exp>.pt``) side by side, denormalised and
+    clamped, one row per class and ``ipc`` columns. Runs without that file are skipped (None if all)."""
+    import torch
+    plt = _pyplot()
+    panels = []
+    for r in runs:
+        f = os.path.join(r.path, f"syn_exp{exp}.pt")
+        if not os.path.isfile(f):
+            continue
+        d = torch.load(f, weights_only=True)
+        images = d["data"][0][0].float()
+        if d.get("normalized", True):
+            mean = torch.tensor(d["mean"]).view(1, -1, 1, 1)
+            std = torch.tensor(d["std"]).view(1, -1, 1, 1)
+            images = images * std + mean
+        images = images.clamp(0, 1)
+        ipc, nc = int(d["ipc"]), len(d.get("class_names") or []) or images.shape[0] // int(d["ipc"])
+        rows = images.view(nc, ipc, *images.shape[1:])                       # class-major, as saved
+        grid = torch.cat([torch.cat(list(rows[c]), dim=2) for c in range(nc)], dim=1)   # C, nc*H, ipc*W
+        panels.append((r.label.replace(" (", "\n(") + f"\nit {d.get('iteration', '?')}", grid.permute(1, 2, 0).numpy(),
+                       d.get("class_names") or [str(c) for c in range(nc)], images.shape[-2]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 2.4 * len(panels) * max(1, panels[0][1].shape[1] / 32 / 3),
+                                                      0.45 * len(panels[0][2]) + 1.0), squeeze=False)
+    for ax, (label, img, names, h) in zip(axes[0], panels):
+        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([h * (c + 0.5) for c in range(len(names))])
+        ax.set_yticklabels(names, fontsize=7)
+    fig.suptitle(f"Synthetic images (exp {exp})", fontsize=9)
+    return _save(fig, path)
+
+
 def plot_runs(paths, out: str = "results/figures", name: str = "runs", exp: int = 0, smooth: int = 1,
               all_params: bool = False, lines: bool = True, log=print) -> list[str]:
     """Reads the run directories and writes the figures; returns the paths written.
 
     ``<out>/<name>_grad_norms.png`` (bars; and ``<name>_grad_norms_iter.png``, lines, with
-    ``lines``) when any run has gradient columns, and ``<out>/<name>_loss.png``.
+    ``lines``) when any run has gradient columns, ``<out>/<name>_loss.png``, and
+    ``<out>/<name>_synthetic.png`` (Figure 5) when the runs saved their synthetic sets.
     """
     if smooth < 1:
         raise PlotError(f"--smooth must be >= 1, got {smooth}")
@@ -338,4 +376,7 @@ def plot_runs(paths, out: str = "results/figures", name: str = "runs", exp: int 
     else:
         log("note: no run has gradient norms; no gradient figure written")
     written.append(loss_figure(runs, os.path.join(out, f"{name}_loss.png"), smooth, exp))
+    syn = synthetic_figure(runs, os.path.join(out, f"{name}_synthetic.png"), exp)
+    if syn:
+        written.append(syn)
     return written

@@ -307,7 +307,7 @@ def test_plot_command_writes_both_figures(runs, bs_run, tmp_path):
     r = run_cli("plot_runs.py", dc, bs_run, "--out", out, "--name", "cmp", "--smooth", 2)
     assert r.returncode == 0, r.stderr
     printed = r.stdout.strip().splitlines()
-    for name in ("cmp_grad_norms.png", "cmp_loss.png"):
+    for name in ("cmp_grad_norms.png", "cmp_loss.png", "cmp_synthetic.png"):   # Figures 6/7, loss, 5
         path = os.path.join(out, name)
         assert path in printed
         w, h = Image.open(path).size
