@@ -32,7 +32,8 @@ from .augment import DiffAugment, ParamDiffAug
 from .data import RealData, denormalize
 from .evaluate import (batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, has_batchnorm,
                        minibatches, train_and_test, train_and_test_batched)
-from .matching import get_loops, match_loss
+from .kernels import KERNELS
+from .matching import get_loops
 from .samplers import ClassSampler
 from .seeding import derive_seed, generator, seeded
 
@@ -116,6 +117,14 @@ class Diagnostics:
         self.gw_syn = s if self.gw_syn is None else self.gw_syn + s
         self.n_grads += 1
 
+    def add_grads_batched(self, gw_real, gw_syn):
+        """Like ``add_grads`` once per class, from gradients stacked as [classes, *shape]."""
+        r = torch.stack([g.detach().flatten(1).norm(dim=1).sum() for g in gw_real])
+        s = torch.stack([g.detach().flatten(1).norm(dim=1).sum() for g in gw_syn])
+        self.gw_real = r if self.gw_real is None else self.gw_real + r
+        self.gw_syn = s if self.gw_syn is None else self.gw_syn + s
+        self.n_grads += gw_real[0].shape[0]
+
     def add_batch(self, n: int):
         self.batch_sizes.append(n)
 
@@ -176,25 +185,21 @@ def gradient_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext)
     """One DC/DSA iteration: outer_loop synthetic updates, inner_loop network updates between them."""
     cfg, ipc, nc = ctx.cfg, ctx.cfg.ipc, ctx.data.num_classes
     outer_loop, inner_loop = get_loops(ipc)
-    params = list(net.parameters())
     criterion = nn.CrossEntropyLoss()
     opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
     bn = has_batchnorm(net)
+    kernel = KERNELS[getattr(cfg, "kernel", "loop")]
     for ol in range(outer_loop):
         if bn:
             _freeze_bn(net, ctx)
-        loss = image_syn.new_zeros(())
-        for c in range(nc):
+
+        def batch(c, ol=ol):
             img_real = ctx.real_batch(c, cfg.batch_real)
             lab_real = torch.full((img_real.shape[0],), c, device=ctx.device, dtype=torch.long)
-            img_syn = image_syn[c * ipc:(c + 1) * ipc]
-            lab_syn = label_syn[c * ipc:(c + 1) * ipc]
-            img_real, img_syn = ctx.siamese(img_real, img_syn, ol, c)
-            gw_real = torch.autograd.grad(criterion(net(img_real)[0], lab_real), params)
-            gw_real = [g.detach() for g in gw_real]
-            gw_syn = torch.autograd.grad(criterion(net(img_syn)[0], lab_syn), params, create_graph=True)
-            ctx.diag.add_grads(gw_real, gw_syn)
-            loss = loss + match_loss(gw_syn, gw_real, cfg.dis_metric)
+            img_real, img_syn = ctx.siamese(img_real, image_syn[c * ipc:(c + 1) * ipc], ol, c)
+            return img_real, lab_real, img_syn, label_syn[c * ipc:(c + 1) * ipc]
+
+        loss = kernel(net, batch, nc, cfg.dis_metric, ctx.diag)
         opt_img.zero_grad(set_to_none=True)
         loss.backward()
         opt_img.step()
@@ -218,12 +223,12 @@ def distribution_matching_step(net, image_syn, label_syn, opt_img, ctx: StepCont
         p.requires_grad_(False)
     net.train()
     loss = image_syn.new_zeros(())
-    if not has_batchnorm(net):
+    if not has_batchnorm(net) and getattr(cfg, "kernel", "loop") == "loop":
         for c in range(nc):
             img_real, img_syn = ctx.siamese(ctx.real_batch(c, cfg.batch_real), image_syn[c * ipc:(c + 1) * ipc], c)
             emb_real = net.embed(img_real).detach()
             loss = loss + ((emb_real.mean(0) - net.embed(img_syn).mean(0)) ** 2).sum()
-    else:  # BatchNorm: all classes through together, as the reference does
+    else:  # BatchNorm (all classes through together, as the reference does) or --kernel batched
         reals, syns = zip(*[ctx.siamese(ctx.real_batch(c, cfg.batch_real), image_syn[c * ipc:(c + 1) * ipc], c)
                             for c in range(nc)])
         sizes = [r.shape[0] for r in reals]

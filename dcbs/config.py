@@ -27,7 +27,7 @@ DEFAULTS = dict(
     epoch_eval_train=None, Iteration=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
     init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
     seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
-    resume=None, load_syn=None, eval_batch=1,
+    kernel="loop", resume=None, load_syn=None, eval_batch=1,
 )
 # Batch Sampling (main_BS.py only)
 BS_DEFAULTS = dict(
@@ -96,6 +96,9 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
     a("--ckpt_every", type=int, help="checkpoint every N iterations (default 50; also at every evaluation)")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     a("--num_threads", type=int, help="torch CPU threads (default: torch's choice)")
+    a("--kernel", choices=["loop", "batched"],
+      help="per-class gradients: loop (one class at a time, as the protocol reads; default) or batched "
+           "(all classes in one vmapped pass; same result up to rounding)")
     a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")
     if batch_sampling:
         a("--layer_idx", type=int, help="feature layer the clusters were made from (default 3)")

@@ -1,0 +1,158 @@
+"""The batched gradient-matching kernel computes what the per-class loop computes (issue 6)."""
+import copy
+import dataclasses
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from dcbs.augment import ParamDiffAug
+from dcbs.condense import Diagnostics, StepContext, distribution_matching_step, gradient_matching_step
+from dcbs.evaluate import has_batchnorm
+from dcbs.kernels import per_class_grads
+from dcbs.matching import match_loss, match_loss_batched
+from dcbs.samplers import ClassSampler, ClusterSampler
+from networks import build_model
+
+
+def stacked_grads(seed, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, 3, 3, 3), (8,), (4, 2, 5), (10, 32), (10,)]
+    return [torch.randn(classes, *s, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("metric", ["ours", "mse", "cos"])
+def test_batched_distance_is_the_sum_of_per_class_distances(metric):
+    gs, gr = stacked_grads(0), stacked_grads(1)
+    per_class = sum(match_loss([t[c] for t in gs], [t[c] for t in gr], metric) for c in range(4))
+    assert match_loss_batched(gs, gr, metric).item() == pytest.approx(per_class.item(), rel=1e-5)
+
+
+def test_batched_distance_rejects_unknown_metric():
+    with pytest.raises(ValueError, match="choose one of"):
+        match_loss_batched(stacked_grads(0), stacked_grads(1), "l1")
+
+
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN", "ConvNetLN", "ConvNetNN"])
+def test_per_class_grads_equal_the_loop_with_uneven_batches(model):
+    torch.manual_seed(0)
+    net = build_model(model, 1, 10, (28, 28))
+    if has_batchnorm(net):               # the loop freezes BatchNorm before matching
+        net(torch.randn(32, 1, 28, 28))
+        net.eval()
+    sizes = [7, 3, 12, 1]                 # Batch Sampling: clusters of different sizes
+    xs = [torch.randn(n, 1, 28, 28) for n in sizes]
+    ys = [torch.full((n,), c) for c, n in enumerate(sizes)]
+    batched = per_class_grads(net, xs, ys)
+    for c in range(len(sizes)):
+        loop = torch.autograd.grad(F.cross_entropy(net(xs[c])[0], ys[c]), list(net.parameters()))
+        for (name, _), ref in zip(net.named_parameters(), loop):
+            torch.testing.assert_close(batched[name][c], ref, rtol=1e-4, atol=1e-6, msg=f"{model} {name} class {c}")
+
+
+def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32):
+    """One full iteration of the shared loop; returns the loss row, synthetic images and their grad."""
+    if dtype != torch.float32:
+        digits = dataclasses.replace(digits, images_train=digits.images_train.to(dtype))
+    dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
+    cfg = SimpleNamespace(ipc=ipc, batch_real=24, dsa_strategy=dsa, seed=seed, dis_metric="ours", lr_net=0.01,
+                          batch_train=256, kernel=kernel, method=method)
+    torch.manual_seed(seed)
+    net = build_model(model, digits.channel, digits.num_classes, digits.im_size).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    image_syn = torch.randn(digits.num_classes * ipc, digits.channel, *digits.im_size, generator=g,
+                            dtype=dtype).requires_grad_(True)
+    label_syn = torch.arange(digits.num_classes).repeat_interleave(ipc)
+    opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
+    diag = Diagnostics([n for n, _ in net.named_parameters()])
+    ctx = StepContext(cfg, digits, copy.deepcopy(sampler), ClassSampler(digits.indices_class, 5), 0, 0,
+                      torch.device("cpu"), ParamDiffAug(), diag)
+    start = image_syn.detach().clone()
+    step = distribution_matching_step if method == "DM" else gradient_matching_step
+    step(net, image_syn, label_syn, opt, ctx)
+    return diag.row(0, 0), image_syn.detach(), start
+
+
+def assert_same_update(syn_b, syn_l, start):
+    """The two kernels move the synthetic images the same way, up to rounding. Measured as the
+    norm of the difference of the updates: the cosine distance divides by gradient-row norms,
+    some of which are tiny, so single pixels can carry ~1e-3 relative rounding noise (seen
+    with DSA), while pairing a class with the wrong gradients would give an O(1) difference."""
+    u_l, u_b = syn_l - start, syn_b - start
+    assert (u_b - u_l).norm() <= 1e-3 * u_l.norm()
+    per_image = (u_b - u_l).flatten(1).norm(dim=1) / u_l.flatten(1).norm(dim=1)
+    assert per_image.max() <= 1e-2
+
+
+@pytest.mark.parametrize("model,method,ipc", [("ConvNet", "DC", 1), ("ConvNet", "DSA", 2), ("ConvNetBN", "DC", 1),
+                                              ("ConvNet", "DM", 2), ("ConvNetBN", "DM", 2)])
+def test_batched_kernel_makes_the_same_update_as_the_loop(digits, model, method, ipc):
+    sampler = ClassSampler(digits.indices_class, 11)
+    row_l, syn_l, start = _step("loop", model, method, digits, sampler, ipc)
+    row_b, syn_b, _ = _step("batched", model, method, digits, sampler, ipc)
+    assert not torch.equal(syn_l, start)                   # the step did something
+    assert_same_update(syn_b, syn_l, start)
+    assert row_b["loss"] == pytest.approx(row_l["loss"], rel=1e-4)
+    assert row_b.keys() == row_l.keys()
+    for k in row_l:
+        if k.startswith("gw_"):
+            assert row_b[k] == pytest.approx(row_l[k], rel=1e-4, abs=1e-6), k  # biases before a norm: ~0
+    assert row_b["batch_real_mean"] == row_l["batch_real_mean"]
+
+
+def test_batched_kernel_over_several_outer_steps_in_float64(digits, monkeypatch):
+    """ipc 10: outer steps with network training between them. In fp32 the two kernels' rounding
+    differences grow through the inner SGD steps (~5e-3 relative after 3 outer steps with 2 inner steps), which would
+    hide a real error, so this runs in float64, where the same computation agrees to ~1e-12."""
+    import dcbs.condense as cd
+    monkeypatch.setattr(cd, "get_loops", lambda _ipc: (2, 1))    # the protocol's (10, 50) takes minutes
+    sampler = ClassSampler(digits.indices_class, 17)
+    row_l, syn_l, start = _step("loop", "ConvNet", "DC", digits, sampler, 10, dtype=torch.float64)
+    row_b, syn_b, _ = _step("batched", "ConvNet", "DC", digits, sampler, 10, dtype=torch.float64)
+    u_l, u_b = syn_l - start, syn_b - start
+    assert u_l.norm() > 0
+    assert (u_b - u_l).norm() <= 1e-9 * u_l.norm()
+    assert row_b["loss"] == pytest.approx(row_l["loss"], rel=1e-9)
+
+
+def test_batched_kernel_with_uneven_cluster_batches(digits):
+    # clusters of 3..20 images: every class's batch is a whole, differently sized cluster
+    g = torch.Generator().manual_seed(0)
+    clusters = []
+    for ix in digits.indices_class:
+        ix = torch.as_tensor(ix)[torch.randperm(len(ix), generator=g)]
+        clusters.append([ix[:3].sort().values, ix[3:20].sort().values, ix[20:].sort().values])
+    sampler = ClusterSampler(clusters, seed=4)
+    row_l, syn_l, start = _step("loop", "ConvNet", "DC", digits, sampler)
+    row_b, syn_b, _ = _step("batched", "ConvNet", "DC", digits, sampler)
+    assert row_l["batch_real_min"] < row_l["batch_real_mean"]     # the batches really were uneven
+    assert_same_update(syn_b, syn_l, start)
+    assert row_b["loss"] == pytest.approx(row_l["loss"], rel=1e-4)
+
+
+def test_kernel_flag_through_the_command_line(tmp_path):
+    args = ["--dataset", "digits", "--preset", "smoke", "--ipc", 2, "--batch_real", 32, "--seed", 5,
+            "--save_path", tmp_path]
+    out = {}
+    for kernel in ("loop", "batched"):
+        r = run_cli("main.py", *args, "--run_name", kernel, "--kernel", kernel)
+        assert r.returncode == 0, r.stderr
+        out[kernel] = torch.load(os.path.join(tmp_path, kernel, "syn_exp0.pt"), weights_only=True)["data"][0][0]
+        assert json.load(open(os.path.join(tmp_path, kernel, "config.json")))["kernel"] == kernel
+    torch.testing.assert_close(out["batched"], out["loop"], rtol=1e-3, atol=1e-4)
+    r = run_cli("main.py", *args, "--run_name", "bad", "--kernel", "fused")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_batched_kernel_in_chunks_of_classes_equals_the_loop(digits, monkeypatch):
+    import dcbs.kernels as k
+    monkeypatch.setattr(k, "CLASSES_PER_PASS", 3)          # 10 classes: passes of 3, 3, 3 and 1
+    sampler = ClassSampler(digits.indices_class, 13)
+    row_l, syn_l, start = _step("loop", "ConvNet", "DC", digits, sampler)
+    row_b, syn_b, _ = _step("batched", "ConvNet", "DC", digits, sampler)
+    assert_same_update(syn_b, syn_l, start)
+    assert row_b["loss"] == pytest.approx(row_l["loss"], rel=1e-4)
