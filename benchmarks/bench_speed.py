@@ -1,0 +1,345 @@
+"""Speed benchmark of the condensation loop and the evaluation (issue 6).
+
+Times, in one run and on the same machine, the per-iteration cost of DC, DSA, DM
+and Batch Sampling with each gradient-matching kernel (``loop``: the
+straightforward per-class path as the protocol reads; ``batched``: all classes
+in one vmapped pass), and the per-model evaluation cost (training and the
+10,000-image test pass). Random tensors with the datasets' shapes stand in for
+the data (timing only). Every case runs in its own child process so its peak
+memory (RSS; GPU memory on CUDA) is its own.
+
+For ipc 10 the iteration is 10 outer matching steps and 9 x 50 inner training
+steps; the benchmark times one matching step and one inner loop of 50 steps and
+composes ``10 * match + 9 * inner`` (the inner loop is the same code for every
+kernel). FLOPs come from ``torch.utils.flop_counter`` on one untimed repetition;
+the CPU ceiling is the fp32 rate of a 2048x2048 matmul measured in the same run.
+
+    python benchmarks/bench_speed.py                       # the full table (~20-30 min on 2 cores)
+    python benchmarks/bench_speed.py --quick               # a minute: tiny repeats, to check it runs
+    python benchmarks/bench_speed.py --device cuda --ipcs 1 10 50
+
+Prints a table (median, min-max, GFLOP/s, % of ceiling, peak memory, speed-up
+over the loop kernel) and writes it as JSON (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Public reference implementation, FashionMNIST shape, ConvNet, 2-core AMD EPYC (issue 6):
+# the straightforward path should land within about 10 % of these on that machine.
+REFERENCE_S = {("iter", "DC", "FashionMNIST", 1): 5.40, ("iter", "DSA", "FashionMNIST", 1): 5.60,
+               ("iter", "DC", "FashionMNIST", 10): 156.0, ("iter", "DSA", "FashionMNIST", 10): 173.0,
+               ("iter", "DM", "FashionMNIST", 1): 1.54, ("iter", "DM", "FashionMNIST", 10): 2.23,
+               ("eval", "DC", "FashionMNIST", 1): 12.5, ("eval", "DC", "FashionMNIST", 10): 51.9,
+               ("eval", "DSA", "FashionMNIST", 1): 23.8, ("test_pass", "-", "FashionMNIST", 1): 8.5}
+
+SHAPES = {"FashionMNIST": (1, (28, 28), 6000, 10000), "CIFAR10": (3, (32, 32), 5000, 10000)}
+
+
+# --------------------------------------------------------------------------- child side
+def _data(shape: str, device):
+    import torch
+    from dcbs.data import RealData
+    channel, im_size, per_class, n_test = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    n = 10 * per_class
+    return RealData(name=shape, source="random", channel=channel, im_size=im_size, num_classes=10,
+                    class_names=[str(c) for c in range(10)], mean=[0.0] * channel, std=[1.0] * channel,
+                    images_train=torch.randn(n, channel, *im_size, generator=g).to(device),
+                    labels_train=torch.arange(10).repeat_interleave(per_class).to(device),
+                    images_test=torch.randn(n_test, channel, *im_size, generator=g).to(device),
+                    labels_test=torch.randint(0, 10, (n_test,), generator=g).to(device),
+                    fingerprint="random")
+
+
+def _uneven_clusters(data, k: int = 20):
+    """k clusters per class with uneven sizes (plain K-Means gives ~50 to ~500 of 5000)."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for ix in data.indices_class:
+        ix = ix.cpu()[torch.randperm(len(ix), generator=g)]
+        w = torch.distributions.Dirichlet(torch.full((k,), 3.0)).sample()
+        sizes = (w * len(ix)).long().clamp(min=1)
+        sizes[-1] = len(ix) - sizes[:-1].sum()
+        out.append([p.sort().values for p in ix.split(sizes.tolist())])
+    return out
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int):
+    fn()                                   # warm-up (allocator, oneDNN primitives, CUDA context)
+    _sync(device)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def run_case(case: dict) -> dict:
+    import torch
+    from dcbs.perf import tune_allocator
+    tune_allocator()
+    if case.get("num_threads"):
+        torch.set_num_threads(case["num_threads"])
+    device = torch.device(case["device"])
+    data = _data(case["shape"], device)
+    kind, method, ipc, repeats = case["kind"], case["method"], case["ipc"], case["repeats"]
+    if kind == "iter":
+        times, flops, parts = _iteration(case, data, device, repeats)
+    else:
+        (times, flops), parts = _evaluation(case, data, device, repeats), {}
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {**case, "times": times, "flops": flops, "peak_mb": peak, "threads": torch.get_num_threads(), **parts}
+
+
+def _iteration(case, data, device, repeats):
+    import torch
+    import dcbs.condense as cd
+    from dcbs.augment import ParamDiffAug
+    from dcbs.evaluate import epoch, minibatches
+    from dcbs.samplers import ClassSampler, ClusterSampler
+    from networks import build_model
+
+    method, ipc = case["method"], case["ipc"]
+    base = "DC" if method == "BS" else method
+    dsa = "color_crop_cutout_flip_scale_rotate" if base == "DSA" else "none"
+    cfg = SimpleNamespace(ipc=ipc, batch_real=256, dsa_strategy=dsa, seed=0, dis_metric="ours", lr_net=0.01,
+                          batch_train=256, kernel=case["kernel"], method=base)
+    sampler = (ClusterSampler(_uneven_clusters(data), seed=2) if method == "BS"
+               else ClassSampler(data.indices_class, seed=2))
+    net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
+    image_syn = torch.randn(10 * ipc, data.channel, *data.im_size, device=device, requires_grad=True)
+    label_syn = torch.arange(10, device=device).repeat_interleave(ipc)
+    opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
+    dsa_param = ParamDiffAug()
+    step = cd.STEPS[base]
+    state = {"it": 0}
+
+    def one_step():
+        names = [n for n, _ in net.named_parameters()]
+        ctx = cd.StepContext(cfg, data, sampler, ClassSampler(data.indices_class, 3), 0, state["it"], device,
+                             dsa_param, cd.Diagnostics(names))
+        state["it"] += 1
+        step(net, image_syn, label_syn, opt, ctx)
+
+    outer, inner = cd.get_loops(ipc) if base != "DM" else (1, 0)
+    if outer == 1 or base == "DM":
+        return _timed(one_step, device, repeats), _flops(one_step), {}
+    # ipc >= 10: one matching step (loops patched to (1, 1)) and one inner loop, composed
+    real_get_loops = cd.get_loops
+    cd.get_loops = lambda _ipc: (1, 1)
+    try:
+        t_match = _timed(one_step, device, repeats)
+        f_match = _flops(one_step)
+    finally:
+        cd.get_loops = real_get_loops
+    opt_net = torch.optim.SGD(net.parameters(), lr=0.01)
+    crit = torch.nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    from dcbs.augment import DiffAugment
+    aug = (lambda x: DiffAugment(x, dsa, seed=-1, param=dsa_param, generator=g)) if dsa != "none" else None
+    x, y = image_syn.detach().clone(), label_syn.clone()
+
+    def inner_loop():
+        for _ in range(inner):
+            epoch("train", minibatches(x, y, 256, g), net, opt_net, crit, aug)
+
+    t_inner = _timed(inner_loop, device, max(1, repeats // 2))
+    f_inner = _flops(inner_loop)
+    mi, ii = statistics.median(t_match), statistics.median(t_inner)
+    times = [outer * m + (outer - 1) * ii for m in t_match]
+    return times, outer * f_match + (outer - 1) * f_inner, {"match_s": mi, "inner_loop_s": ii}
+
+
+def _evaluation(case, data, device, repeats):
+    import torch
+    from dcbs.augment import ParamDiffAug
+    from dcbs.evaluate import eval_settings_for, minibatches, test_accuracy, train_and_test
+    from networks import build_model
+    method, ipc, kind = case["method"], case["ipc"], case["kind"]
+    net = build_model("ConvNet", data.channel, 10, data.im_size).to(device)
+    if kind == "test_pass":
+        if case["kernel"] == "loop":       # the reference: batch 256 under no_grad
+            def fn():
+                with torch.no_grad():
+                    net.eval()
+                    for xb, yb in minibatches(data.images_test, data.labels_test, 256):
+                        (net(xb)[0].argmax(1) == yb).sum().item()
+        else:
+            def fn():
+                test_accuracy(net, data.images_test, data.labels_test)
+        return _timed(fn, device, repeats), _flops(fn)
+    dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
+    s = eval_settings_for("ConvNet", case["shape"], "ConvNet", ipc, dsa, 0.01, 256, None)
+    x = torch.randn(10 * ipc, data.channel, *data.im_size, device=device)
+    y = torch.arange(10, device=device).repeat_interleave(ipc)
+
+    def fn():
+        m = build_model("ConvNet", data.channel, 10, data.im_size).to(device)
+        train_and_test(m, x, y, data.images_test, data.labels_test, s, torch.Generator().manual_seed(0),
+                       ParamDiffAug())
+    return _timed(fn, device, repeats), _flops(fn)
+
+
+# --------------------------------------------------------------------------- parent side
+def ceiling_gflops(device_name: str, n: int = 2048, repeats: int = 10) -> float:
+    import torch
+    device = torch.device(device_name)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    ts = _timed(lambda: a @ b, device, repeats)
+    return 2 * n ** 3 / statistics.median(ts) / 1e9
+
+
+def plan(args) -> list[dict]:
+    cases = []
+    for shape in args.shapes:
+        for ipc in args.ipcs:
+            if ipc > 1 and shape != "FashionMNIST" and args.device == "cpu":
+                continue                   # CPU budget: ipc >= 10 on the FashionMNIST shape only
+            for method in args.methods:
+                for kernel in args.kernels:
+                    cases.append(dict(kind="iter", method=method, shape=shape, ipc=ipc, kernel=kernel))
+        if not args.no_eval:
+            for method, ipc in (("DC", 1), ("DC", 10), ("DSA", 1)):
+                if ipc in args.ipcs and (shape == "FashionMNIST" or args.device != "cpu"):
+                    cases.append(dict(kind="eval", method=method, shape=shape, ipc=ipc, kernel="-"))
+            for kernel in ("loop", "batched"):
+                cases.append(dict(kind="test_pass", method="-", shape=shape, ipc=1, kernel=kernel))
+    for c in cases:
+        c.update(device=args.device, num_threads=args.num_threads,
+                 repeats=args.repeats if c["kind"] != "eval" else max(1, args.repeats // 2))
+    return cases
+
+
+def run_child(case: dict, timeout: int) -> dict:
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--_case", json.dumps(case)],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if r.returncode != 0:
+        return {**case, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summarise(results: list[dict], ceiling: float) -> list[dict]:
+    rows = []
+    loop_median = {}
+    for r in results:
+        if "error" in r:
+            continue
+        if r["kernel"] in ("loop", "-"):
+            loop_median[(r["kind"], r["method"], r["shape"], r["ipc"])] = statistics.median(r["times"])
+    for r in results:
+        row = {k: r[k] for k in ("kind", "method", "shape", "ipc", "kernel")}
+        if "error" in r:
+            rows.append({**row, "error": r["error"]})
+            continue
+        med = statistics.median(r["times"])
+        gflops = r["flops"] / med / 1e9 if r["flops"] else float("nan")
+        key = (r["kind"], r["method"], r["shape"], r["ipc"])
+        ref = REFERENCE_S.get(key)
+        rows.append({**row, "median_s": med, "min_s": min(r["times"]), "max_s": max(r["times"]),
+                     "n": len(r["times"]), "gflop": r["flops"] / 1e9, "gflops_per_s": gflops,
+                     "pct_ceiling": 100 * gflops / ceiling if ceiling else float("nan"),
+                     "peak_mb": r["peak_mb"], "threads": r["threads"],
+                     "speedup_vs_loop": loop_median[key] / med if key in loop_median else float("nan"),
+                     "reference_s": ref})
+    return rows
+
+
+def print_table(rows, ceiling):
+    print(f"\nfp32 matmul ceiling: {ceiling:.0f} GFLOP/s")
+    head = (f"{'what':<10}{'method':<7}{'shape':<13}{'ipc':>4} {'kernel':<8}{'median s':>9} {'min-max':>15}"
+            f"{'GFLOP/s':>9}{'%ceil':>6}{'peak MB':>9}{'x loop':>7}{'ref s':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        lead = f"{r['kind']:<10}{r['method']:<7}{r['shape']:<13}{r['ipc']:>4} {r['kernel']:<8}"
+        if "error" in r:
+            print(lead + f"  error: {r['error']}")
+            continue
+        ref = f"{r['reference_s']:.1f}" if r["reference_s"] else "-"
+        print(lead + f"{r['median_s']:>9.3f} {r['min_s']:>7.2f}-{r['max_s']:<7.2f}{r['gflops_per_s']:>9.1f}"
+              f"{r['pct_ceiling']:>6.0f}{r['peak_mb']:>9.0f}{r['speedup_vs_loop']:>7.2f}{ref:>7}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--shapes", nargs="+", default=["FashionMNIST", "CIFAR10"], choices=list(SHAPES))
+    p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM", "BS"], choices=["DC", "DSA", "DM", "BS"])
+    p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10])
+    p.add_argument("--kernels", nargs="+", default=["loop", "batched"], choices=["loop", "batched"])
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (after one warm-up)")
+    p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--no_eval", action="store_true", help="skip the evaluation cases")
+    p.add_argument("--quick", action="store_true", help="FashionMNIST shape, ipc 1, DC and DM, 1 repeat, no eval")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per case")
+    p.add_argument("--out", default=os.path.join("results", "bench", "speed.json"))
+    p.add_argument("--_case", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._case:
+        print(json.dumps(run_case(json.loads(args._case))))
+        return 0
+    if args.quick:
+        args.shapes, args.ipcs, args.methods, args.repeats, args.no_eval = ["FashionMNIST"], [1], ["DC", "DM"], 1, True
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print("error: --device cuda but CUDA is not available", file=sys.stderr)
+            return 2
+    cases = plan(args)
+    t0 = time.time()
+    ceiling = ceiling_gflops(args.device)
+    print(f"{len(cases)} cases on {args.device}; fp32 ceiling {ceiling:.0f} GFLOP/s", flush=True)
+    results = []
+    for i, c in enumerate(cases):
+        r = run_child(c, args.timeout)
+        results.append(r)
+        msg = r.get("error") or f"median {statistics.median(r['times']):.3f} s"
+        print(f"[{i + 1}/{len(cases)}] {c['kind']} {c['method']} {c['shape']} ipc {c['ipc']} {c['kernel']}: {msg}",
+              flush=True)
+    rows = summarise(results, ceiling)
+    print_table(rows, ceiling)
+    import torch
+    from dcbs.io import atomic_write_json
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+            "ceiling_gflops": ceiling, "wall_s": time.time() - t0, "argv": sys.argv[1:]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_json(args.out, {"meta": meta, "rows": rows, "raw": results})
+    print(f"\nwritten {args.out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
