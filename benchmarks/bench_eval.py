@@ -1,0 +1,121 @@
+"""Wall time per evaluated model: one after another vs trained together (issue 7).
+
+Trains ``--models`` ConvNets on a random CIFAR10-shaped synthetic set of ipc
+1, 10 and 50 images per class, once with ``train_and_test`` per model (what
+``--eval_batch 1`` does) and once with ``train_and_test_batched`` (all models
+in one ``torch.func.vmap`` pass, ``--eval_batch N``), and prints the seconds
+per model for each. Random tensors stand in for the data (timing only).
+
+The protocol trains 300 epochs (1000 with DSA augmentation) and tests on 10,000
+images; to keep a CPU run short the benchmark trains ``--epochs`` epochs and
+tests on ``--test_images`` images, and says so in its output (figures for
+fewer epochs are not the protocol's; the ratio of the two paths is the point).
+
+    python benchmarks/bench_eval.py                            # CPU: ipc 1 10 50, 4 models, 20 epochs
+    python benchmarks/bench_eval.py --device cuda --models 20 --epochs 300 --test_images 10000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(ipc: int, models: int, epochs: int, test_images: int, device, dsa: bool) -> dict:
+    import torch
+    from dcbs.augment import ParamDiffAug
+    from dcbs.evaluate import EvalSettings, build_eval_model, train_and_test, train_and_test_batched
+
+    g = torch.Generator().manual_seed(ipc)
+    x = torch.randn(10 * ipc, 3, 32, 32, generator=g).to(device)
+    y = torch.arange(10).repeat_interleave(ipc).to(device)
+    xt = torch.randn(test_images, 3, 32, 32, generator=g).to(device)
+    yt = torch.randint(0, 10, (test_images,), generator=g).to(device)
+    settings = EvalSettings(epochs, 0.01, 256, "color_crop_cutout_flip_scale_rotate" if dsa else "none", None)
+
+    def nets():
+        return [build_eval_model("ConvNet", 3, 10, (32, 32), 0, "bench", i).to(device) for i in range(models)]
+
+    def gens():
+        return [torch.Generator(device="cpu").manual_seed(100 + i) for i in range(models)]
+
+    # warm-up (oneDNN primitives, CUDA context): one short pass of each path
+    warm = EvalSettings(1, 0.01, 256, settings.dsa_strategy, None)
+    train_and_test(nets()[0], x, y, xt[:256], yt[:256], warm, gens()[0], ParamDiffAug())
+    train_and_test_batched(nets()[:2], x, y, xt[:256], yt[:256], warm, gens()[:2], ParamDiffAug())
+
+    ms, gs = nets(), gens()
+    _sync(device)
+    t = time.perf_counter()
+    seq_acc = [train_and_test(m, x, y, xt, yt, settings, gi, ParamDiffAug())[2] for m, gi in zip(ms, gs)]
+    _sync(device)
+    seq = time.perf_counter() - t
+
+    ms, gs = nets(), gens()
+    _sync(device)
+    t = time.perf_counter()
+    _, _, bat_acc = train_and_test_batched(ms, x, y, xt, yt, settings, gs, ParamDiffAug())
+    _sync(device)
+    bat = time.perf_counter() - t
+    return {"ipc": ipc, "models": models, "epochs": epochs, "test_images": test_images, "dsa": dsa,
+            "sequential_s_per_model": seq / models, "batched_s_per_model": bat / models,
+            "speedup": seq / bat, "max_acc_diff": max(abs(a - b) for a, b in zip(seq_acc, bat_acc))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10, 50])
+    p.add_argument("--models", type=int, default=4, help="models per path (default 4)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs actually trained (default 20)")
+    p.add_argument("--test_images", type=int, default=2000)
+    p.add_argument("--dsa", action="store_true", help="train with DSA augmentation (as DSA's evaluation does)")
+    p.add_argument("--num_threads", type=int, default=None)
+    p.add_argument("--out", default=os.path.join("results", "bench", "eval.json"))
+    args = p.parse_args(argv)
+    if args.models < 2 or args.epochs < 1 or args.test_images < 1:
+        p.error("--models must be >= 2, --epochs and --test_images >= 1")
+    import torch
+    from dcbs.perf import tune_allocator
+    tune_allocator()
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    t0 = time.time()
+    rows = []
+    print(f"{args.epochs} epochs and a test pass over {args.test_images} images per model "
+          f"(the protocol: 300 or 1000 epochs, 10,000 test images)")
+    print(f"{'ipc':>4}{'models':>7}{'epochs':>7}  {'seq s/model':>12}{'batched s/model':>16}{'x':>6}  max |acc diff|")
+    for ipc in args.ipcs:
+        r = measure(ipc, args.models, args.epochs, args.test_images, device, args.dsa)
+        rows.append(r)
+        print(f"{ipc:>4}{args.models:>7}{args.epochs:>7}  {r['sequential_s_per_model']:>12.2f}"
+              f"{r['batched_s_per_model']:>16.2f}{r['speedup']:>6.2f}  {r['max_acc_diff']:.4f}", flush=True)
+    from dcbs.io import atomic_write_json
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "note": "--epochs epochs and --test_images test images per model: a reduced protocol",
+            "wall_s": time.time() - t0, "argv": sys.argv[1:] if argv is None else list(argv)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_json(args.out, {"meta": meta, "rows": rows})
+    print(f"written {args.out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The benchmark scripts run and write what they print (their figures are not asserted: speed
+targets live in the scripts' output, not in tests)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_eval_writes_per_model_times_and_the_paths_agree(tmp_path):
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_eval.py", "--ipcs", "1", "--models", "2", "--epochs", "1",
+                        "--test_images", "64", "--num_threads", "1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["ipc"] for row in rows] == [1]
+    assert rows[0]["sequential_s_per_model"] > 0 and rows[0]["batched_s_per_model"] > 0
+    assert rows[0]["max_acc_diff"] < 1e-6        # the same models, trained two ways
+    assert "1 epochs" in r.stdout
+
+
+def test_bench_eval_rejects_a_single_model(tmp_path):
+    r = subprocess.run([sys.executable, "benchmarks/bench_eval.py", "--models", "1", "--out", str(tmp_path / "x.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--models must be >= 2" in r.stderr
+    assert not (tmp_path / "x.json").exists()
