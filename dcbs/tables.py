@@ -254,6 +254,7 @@ def render_table(table: str, dataset: str, runs: list[Run]) -> list[str]:
 def render(runs: list[Run], save_paths, datasets=None) -> str:
     in_tables = [r for r in runs if r.done and r.key is not None]
     datasets = list(datasets or sorted({r.config.get("dataset") for r in in_tables}) or ["CIFAR10"])
+    in_tables = [r for r in in_tables if r.config.get("dataset") in datasets]   # only what is tabulated
     lines = ["# The seed paper's Tables 1-3, reproduced", "",
              f"Written by `python reproduce.py aggregate` on {time.strftime('%Y-%m-%d %H:%M:%S')} from "
              f"{len(in_tables)} finished run(s) under {', '.join(f'`{p}`' for p in save_paths)}. Each run counts "

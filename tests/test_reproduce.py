@@ -369,3 +369,13 @@ def test_tiny_sweep_runs_through_local_executor_and_is_tabulated(tmp_path):
     assert got[5] == f"**{ours(acc(dirs['DC']))}** / –" and got[2:5] == ["– / –"] * 3
     assert "preset `smoke` (a reduced protocol), evaluated at iteration 1" in md
     assert re.search(r"`Iteration=1`, `batch_real=32`", md)
+
+
+def test_aggregator_lists_only_the_datasets_it_tabulates(tmp_path):
+    root = tmp_path / "real"
+    write_run(root, "DC_CIFAR10_ipc1", {"0": {"200": {"ConvNet": [0.27]}}})
+    write_run(root, "DC_FashionMNIST_ipc1", {"0": {"200": {"ConvNet": [0.70]}}}, dataset="FashionMNIST")
+    out, _ = tables.write_tables([str(root)], str(tmp_path / "tables.md"), datasets=["CIFAR10"])
+    md = open(out).read()
+    assert "from 1 finished run(s)" in md
+    assert "DC_CIFAR10_ipc1" in md and "FashionMNIST" not in md
