@@ -26,11 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def _sync(device):
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from bench_speed import _sync  # noqa: E402  (same folder)
 
 
 def measure(ipc: int, models: int, epochs: int, test_images: int, device, dsa: bool) -> dict:

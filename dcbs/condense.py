@@ -111,14 +111,11 @@ class Diagnostics:
         self.n_loss += count
 
     def add_grads(self, gw_real, gw_syn):
-        r = torch.stack([g.detach().norm() for g in gw_real])
-        s = torch.stack([g.detach().norm() for g in gw_syn])
-        self.gw_real = r if self.gw_real is None else self.gw_real + r
-        self.gw_syn = s if self.gw_syn is None else self.gw_syn + s
-        self.n_grads += 1
+        """One class's gradients (one tensor per parameter)."""
+        self.add_grads_batched([g[None] for g in gw_real], [g[None] for g in gw_syn])
 
     def add_grads_batched(self, gw_real, gw_syn):
-        """Like ``add_grads`` once per class, from gradients stacked as [classes, *shape]."""
+        """Every class's gradients, stacked as [classes, *shape]: each parameter's norm per class, summed."""
         r = torch.stack([g.detach().flatten(1).norm(dim=1).sum() for g in gw_real])
         s = torch.stack([g.detach().flatten(1).norm(dim=1).sum() for g in gw_syn])
         self.gw_real = r if self.gw_real is None else self.gw_real + r

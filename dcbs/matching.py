@@ -11,38 +11,47 @@ log = logging.getLogger(__name__)
 EPS = 1e-6
 
 
-def distance_wb(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
-    """Eq. (1): sum over output units of 1 - cos(A_i, B_i) for one parameter tensor.
-
-    Conv weights are reshaped to [out, in*h*w], layer-norm weights to [C, h*w];
-    one-dimensional tensors (biases, norm affine parameters) contribute 0.
-    """
-    if gwr.dim() == 1:
+def _distance_rows(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
+    """Eq. (1) for parameter gradients stacked per class, [classes, *shape]: summed over
+    classes and output units, 1 - cos(A_i, B_i). Conv weights are compared as
+    [out, in*h*w], layer-norm weights as [C, h*w]; one-dimensional parameters (biases,
+    norm affine parameters) contribute 0."""
+    if gwr.dim() == 2:
         return gwr.new_zeros(())
-    a = gwr.reshape(gwr.shape[0], -1)
-    b = gws.reshape(gws.shape[0], -1)
+    a = gwr.reshape(gwr.shape[0], gwr.shape[1], -1)
+    b = gws.reshape(gws.shape[0], gws.shape[1], -1)
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + EPS)
     return (1 - cos).sum()
 
 
-def _flat(grads):
-    return torch.cat([g.reshape(-1) for g in grads])
+def distance_wb(gwr: torch.Tensor, gws: torch.Tensor) -> torch.Tensor:
+    """Eq. (1): sum over output units of 1 - cos(A_i, B_i) for one parameter tensor."""
+    return _distance_rows(gwr[None], gws[None])
 
 
 def _ours(gw_syn, gw_real):
-    return sum((distance_wb(r, s) for r, s in zip(gw_real, gw_syn)), gw_real[0].new_zeros(()))
+    return sum((_distance_rows(r, s) for r, s in zip(gw_real, gw_syn)), gw_real[0].new_zeros(()))
 
 
 def _mse(gw_syn, gw_real):
-    return ((_flat(gw_syn) - _flat(gw_real)) ** 2).sum()
+    return sum(((s - r) ** 2).sum() for r, s in zip(gw_real, gw_syn))
 
 
 def _cos(gw_syn, gw_real):
-    r, s = _flat(gw_real), _flat(gw_syn)
-    return 1 - (r * s).sum() / (r.norm() * s.norm() + EPS)
+    r = torch.cat([g.reshape(g.shape[0], -1) for g in gw_real], 1)
+    s = torch.cat([g.reshape(g.shape[0], -1) for g in gw_syn], 1)
+    return (1 - (r * s).sum(1) / (r.norm(dim=1) * s.norm(dim=1) + EPS)).sum()
 
 
 DIS_METRICS = {"ours": _ours, "mse": _mse, "cos": _cos}
+
+
+def match_loss_batched(gw_syn, gw_real, metric: str) -> torch.Tensor:
+    """The matching distance summed over classes, for gradients stacked per class: every
+    tensor is [classes, *parameter shape]. ``match_loss`` is its one-class case."""
+    if metric not in DIS_METRICS:
+        raise ValueError(f"unknown dis_metric {metric!r}; choose one of: {', '.join(DIS_METRICS)}")
+    return DIS_METRICS[metric](gw_syn, gw_real)
 
 
 def match_loss(gw_syn, gw_real, args) -> torch.Tensor:
@@ -52,42 +61,7 @@ def match_loss(gw_syn, gw_real, args) -> torch.Tensor:
     (the seed's listings pass their argparse namespace).
     """
     metric = args if isinstance(args, str) else args.dis_metric
-    if metric not in DIS_METRICS:
-        raise ValueError(f"unknown dis_metric {metric!r}; choose one of: {', '.join(DIS_METRICS)}")
-    return DIS_METRICS[metric](gw_syn, gw_real)
-
-
-def _ours_batched(gw_syn, gw_real):
-    total = gw_real[0].new_zeros(())
-    for r, s in zip(gw_real, gw_syn):
-        if r.dim() == 2:        # one-dimensional per class: contributes 0, as in distance_wb
-            continue
-        a = r.reshape(r.shape[0], r.shape[1], -1)
-        b = s.reshape(s.shape[0], s.shape[1], -1)
-        cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + EPS)
-        total = total + (1 - cos).sum()
-    return total
-
-
-def _mse_batched(gw_syn, gw_real):
-    return sum(((s - r) ** 2).sum() for r, s in zip(gw_real, gw_syn))
-
-
-def _cos_batched(gw_syn, gw_real):
-    r = torch.cat([g.reshape(g.shape[0], -1) for g in gw_real], 1)
-    s = torch.cat([g.reshape(g.shape[0], -1) for g in gw_syn], 1)
-    return (1 - (r * s).sum(1) / (r.norm(dim=1) * s.norm(dim=1) + EPS)).sum()
-
-
-DIS_METRICS_BATCHED = {"ours": _ours_batched, "mse": _mse_batched, "cos": _cos_batched}
-
-
-def match_loss_batched(gw_syn, gw_real, metric: str) -> torch.Tensor:
-    """``match_loss`` summed over classes, for gradients stacked per class: every tensor is
-    [classes, *parameter shape]. Equal to the sum of ``match_loss`` over the classes."""
-    if metric not in DIS_METRICS_BATCHED:
-        raise ValueError(f"unknown dis_metric {metric!r}; choose one of: {', '.join(DIS_METRICS_BATCHED)}")
-    return DIS_METRICS_BATCHED[metric](gw_syn, gw_real)
+    return match_loss_batched([g[None] for g in gw_syn], [g[None] for g in gw_real], metric)
 
 
 _LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
