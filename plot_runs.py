@@ -6,6 +6,15 @@ writes ``<out>/<name>_grad_norms.png`` (grouped bars: mean real / synthetic grad
 norm per weight tensor, one bar per run), ``<out>/<name>_grad_norms_iter.png`` (the
 same over iterations) and ``<out>/<name>_loss.png`` (matching loss, one line per run),
 and prints their paths. DM runs have no gradient norms: they are in the loss figure only.
+When the runs saved their synthetic sets, ``<out>/<name>_synthetic.png`` shows them side by
+side (Figure 5).
+
+With ``--features CKPT`` (a network trained on the whole training set, e.g. the ConvNet of
+``main_cluster.py --model ConvNet --train_extractor``) it also draws Figure 8: one class's
+real and synthetic images in that network's feature space, one panel per run, one shared
+t-SNE (``<out>/<name>_features_<class>.png`` and a JSON of distances beside it):
+
+    python plot_runs.py results/DC_run results/BS_run --name DC_vs_BS --features checkpoints/ConvNet_CIFAR10.pt
 """
 import argparse
 import sys
@@ -29,14 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all_params", action="store_true",
                    help="also plot 1-D tensors (biases, normalisation parameters)")
     p.add_argument("--no_lines", action="store_true", help="skip the gradient-norm-over-iterations figure")
+    f = p.add_argument_group("Figure 8 (feature distribution of one class)")
+    f.add_argument("--features", metavar="CKPT", help="network trained on the whole training set whose "
+                   "pre-classifier features are embedded; enables Figure 8")
+    f.add_argument("--feature_model", help="its architecture (default: recorded in the checkpoint, else ConvNet)")
+    f.add_argument("--feature_class", help="class index or name (default: cat, the seed's, else class 0)")
+    f.add_argument("--feature_real", type=int, default=1000, help="real images of the class drawn (seeded)")
+    f.add_argument("--embedding", default="tsne", choices=["tsne", "pca"], help="2-D embedding")
+    f.add_argument("--data_path", help="the runs' dataset (default: the first run's --data_path)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the real-image draw and of t-SNE")
+    f.add_argument("--device", default="cpu", help="cpu or cuda")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    given = [f"--{k}" for k in ("feature_model", "feature_class", "data_path") if getattr(args, k) is not None]
+    if given and not args.features:
+        print(f"error: {', '.join(given)} apply to Figure 8; add --features CKPT or drop them", file=sys.stderr)
+        return 2
     try:
         paths = plot_runs(args.runs, out=args.out, name=args.name, exp=args.exp, smooth=args.smooth,
                           all_params=args.all_params, lines=not args.no_lines)
+        if args.features:
+            from dcbs.featfig import figure8
+            from dcbs.plots import load_runs
+            paths += figure8(load_runs(args.runs, args.exp), args.features, args.out, args.name,
+                             args.feature_class, args.feature_real, args.embedding, args.seed, args.exp,
+                             args.data_path, args.feature_model, args.device, log=lambda m: print(m, file=sys.stderr))
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
