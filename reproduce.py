@@ -4,6 +4,7 @@
     python reproduce.py all --executor local --jobs 4           # Tables 1-3, shared cells once
     python reproduce.py all --executor slurm --slurm_partition gpu --dry_run
     python reproduce.py aggregate                               # results/tables.md
+    python reproduce.py figures --features checkpoints/ConvNet_CIFAR10.pt   # Figures 5-8
 
 Each cell is a main.py / main_BS.py / main_cluster.py command line run as a
 subprocess (see dcbs/sweep.py for the grids, the waves and the executors, and
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "main.py / main_BS.py run.")
     a = p.add_argument
     a("what", choices=WHAT, help="table1: DC, DSA, BS(DC) k=20 layer 3; table2: BS k 5-25 layer 2 + DC; "
-                                 "table3: BS layer 0-3 k=20 + DC; all: the three (also: 'aggregate', see below)")
+                                 "table3: BS layer 0-3 k=20 + DC; all: the three (also: 'aggregate' and 'figures', "
+                                 "each with its own -h)")
     a("--dataset", choices=list(DATASETS), default=None,
       help="dataset (default CIFAR10, or the preset's own dataset: digits for demo and smoke)")
     a("--data_path", default="data", help="torchvision root or ImageFolder tree, passed to every run")
@@ -96,6 +98,41 @@ def build_aggregate_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", nargs="+", choices=list(DATASETS),
                    help="datasets to tabulate (default: those of the runs found, else CIFAR10)")
     return p
+
+
+def build_figures_parser() -> argparse.ArgumentParser:
+    from dcbs.data import DATASETS
+    p = _Parser(prog="reproduce.py figures", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Figures 5-8 from finished run directories: synthetic images (5), gradient norms "
+                            "and loss by k (6) and by layer (7), one class's feature distribution (8). One set "
+                            "per dataset, ipc, preset and seed.")
+    p.add_argument("--save_path", nargs="+", default=[os.path.join("results", "sweep")],
+                   help="folders of run directories")
+    p.add_argument("--out", default=os.path.join("results", "figures"), help="folder of the PNG files")
+    p.add_argument("--dataset", nargs="+", choices=list(DATASETS), help="only these datasets")
+    p.add_argument("--features", default=os.path.join("checkpoints", "ConvNet_{dataset}.pt"),
+                   help="Figure 8's network trained on the whole training set ({dataset} is filled in); "
+                        "Figure 8 is skipped, with the command that makes it, when the file is missing")
+    p.add_argument("--feature_class", help="Figure 8's class, index or name (default: cat, as the seed)")
+    p.add_argument("--feature_real", type=int, default=1000, help="real images of that class in Figure 8")
+    p.add_argument("--smooth", type=int, default=5, help="moving average of the curves over N iterations")
+    p.add_argument("--device", default="cpu", help="device of Figure 8's feature pass")
+    return p
+
+
+def run_figures(argv) -> int:
+    from dcbs.figures import make_figures
+    from dcbs.plots import PlotError
+    args = build_figures_parser().parse_args(argv)
+    try:
+        paths = make_figures(args.save_path, args.out, args.features, args.feature_class, args.feature_real,
+                             args.dataset, args.smooth, args.device, log=lambda m: print(m, file=sys.stderr))
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
 
 
 def slurm_parameters(args) -> dict:
@@ -213,6 +250,10 @@ def main(argv=None) -> int:
             if extra:
                 raise SweepError("aggregate takes no flags after '--'")
             return run_aggregate(argv[1:])
+        if argv[:1] == ["figures"]:
+            if extra:
+                raise SweepError("figures takes no flags after '--'")
+            return run_figures(argv[1:])
         return run_sweep(argv, extra)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -353,12 +353,13 @@ def synthetic_figure(runs, path: str, exp: int = 0) -> str | None:
 
 
 def plot_runs(paths, out: str = "results/figures", name: str = "runs", exp: int = 0, smooth: int = 1,
-              all_params: bool = False, lines: bool = True, log=print) -> list[str]:
+              all_params: bool = False, lines: bool = True, synthetic: bool = True, log=print) -> list[str]:
     """Reads the run directories and writes the figures; returns the paths written.
 
     ``<out>/<name>_grad_norms.png`` (bars; and ``<name>_grad_norms_iter.png``, lines, with
     ``lines``) when any run has gradient columns, ``<out>/<name>_loss.png``, and
-    ``<out>/<name>_synthetic.png`` (Figure 5) when the runs saved their synthetic sets.
+    ``<out>/<name>_synthetic.png`` (Figure 5) when the runs saved their synthetic sets and
+    ``synthetic`` is set.
     """
     if smooth < 1:
         raise PlotError(f"--smooth must be >= 1, got {smooth}")
@@ -376,7 +377,7 @@ def plot_runs(paths, out: str = "results/figures", name: str = "runs", exp: int 
     else:
         log("note: no run has gradient norms; no gradient figure written")
     written.append(loss_figure(runs, os.path.join(out, f"{name}_loss.png"), smooth, exp))
-    syn = synthetic_figure(runs, os.path.join(out, f"{name}_synthetic.png"), exp)
+    syn = synthetic_figure(runs, os.path.join(out, f"{name}_synthetic.png"), exp) if synthetic else None
     if syn:
         written.append(syn)
     return written

@@ -113,3 +113,65 @@ def test_plot_command_draws_figure8_from_a_checkpoint(digits, tmp_path):
     assert r.returncode == 2 and "main_cluster.py --dataset digits" in r.stderr and "--model ConvNet" in r.stderr
     r = run_cli("plot_runs.py", dc, "--out", out, "--feature_class", "cat")
     assert r.returncode == 2 and "--features" in r.stderr
+
+
+# --------------------------------------------------------------------------- #
+# reproduce.py figures: Figures 5-8 from the finished runs of the tables
+# --------------------------------------------------------------------------- #
+GW = ["blocks.0.0.weight", "classifier.weight"]
+
+
+def table_run(root, digits, name, method="DC", k=None, layer=None, preset="smoke", done=True):
+    """A run as the sweep leaves it: config, diagnostics with gradient norms, synthetic set, accuracies, DONE."""
+    bs = k is not None
+    cfg = dict(method=method, batch_sampling=bs, label=f"BS({method})" if bs else method, seed=0, preset=preset)
+    if bs:
+        cfg.update(num_cluster=k, layer_idx=layer, norm=True, margin=5, cluster_model="ResNet18")
+    path = fake_run(os.path.join(root, name), digits, first_of_each_class(digits) * (1 + (k or 0) / 10), **cfg)
+    with open(os.path.join(path, "diagnostics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["exp", "it", "loss", *[f"gw_{s}:{n}" for s in ("real", "syn") for n in GW]])
+        w.writeheader()
+        w.writerows([{"exp": 0, "it": i, "loss": 2.0 - i / 10 + (k or 0) / 100,
+                      **{f"gw_{s}:{n}": 1.0 + i + (k or 0) for s in ("real", "syn") for n in GW}} for i in range(4)])
+    json.dump({"0": {"3": {"ConvNet": [0.5, 0.6]}}}, open(os.path.join(path, "accuracies.json"), "w"))
+    if done:
+        open(os.path.join(path, "DONE"), "w").write("finished\n")
+    return path
+
+
+def test_reproduce_figures_draws_each_figure_from_its_tables_runs(digits, tmp_path):
+    save, out = tmp_path / "sweep", tmp_path / "figs"
+    table_run(save, digits, "DC_s")
+    table_run(save, digits, "DSA_s", method="DSA")
+    table_run(save, digits, "BS_k20_l3_s", k=20, layer=3)
+    table_run(save, digits, "BS_k5_l2_s", k=5, layer=2)
+    table_run(save, digits, "BS_k20_l2_s", k=20, layer=2)
+    table_run(save, digits, "BS_k10_l2_unfinished", k=10, layer=2, done=False)
+    table_run(save, digits, "BS_k20_l3_cpu", k=20, layer=3, preset="cpu")       # no DC under this preset
+    net = build_extractor("ConvNet", digits.channel, digits.num_classes, digits.im_size, seed=0)
+    torch.save({"state_dict": net.state_dict(), "meta": {"architecture": "ConvNet", "dataset": "digits"}},
+               tmp_path / "ConvNet_digits.pt")
+    r = run_cli("reproduce.py", "figures", "--save_path", save, "--out", out,
+                "--features", str(tmp_path / "ConvNet_{dataset}.pt"), "--smooth", 2)
+    assert r.returncode == 0, r.stderr
+    g = "digits_ipc1_smoke_s0"
+    want = [f"fig5_{g}_synthetic.png", *[f"fig{n}_{g}_{w}.png" for n in (6, 7)
+                                         for w in ("grad_norms", "grad_norms_iter", "loss")],
+            f"fig8_{g}_features_0.png", f"fig8_{g}_features_0.json"]
+    assert sorted(r.stdout.split()) == sorted(os.path.join(out, w) for w in want)
+    notes = r.stderr
+    # Figure 6 is drawn from DC and the finished layer-2 runs, and says which k were not run
+    line6 = next(ln for ln in notes.splitlines() if ln.startswith(f"fig6 {g}:"))
+    assert "DC_s, BS_k5_l2_s, BS_k20_l2_s" in line6 and "BS k=10 L2" in line6 and "unfinished" not in line6
+    line7 = next(ln for ln in notes.splitlines() if ln.startswith(f"fig7 {g}:"))
+    assert "DC_s, BS_k20_l2_s, BS_k20_l3_s" in line7 and "BS k=20 L0" in line7
+    # the cpu-preset run is never mixed into the smoke figures: its own group is skipped for want of DC
+    assert "fig5 digits_ipc1_cpu_s0: skipped" in notes and "BS_k20_l3_cpu" not in line6 + line7
+    meta = json.load(open(os.path.join(out, f"fig8_{g}_features_0.json")))
+    assert [x["label"] for x in meta["runs"]] == ["DC", "BS(DC) k=20 L3 norm"]
+    # without the trained network Figure 8 is skipped with the command that makes it; the rest is drawn
+    r = run_cli("reproduce.py", "figures", "--save_path", save, "--out", tmp_path / "figs2",
+                "--features", tmp_path / "missing.pt")
+    assert r.returncode == 0, r.stderr
+    assert "fig8" not in r.stdout and f"fig5_{g}_synthetic.png" in r.stdout
+    assert "main_cluster.py --dataset digits --model ConvNet --train_extractor" in r.stderr
