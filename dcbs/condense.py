@@ -30,7 +30,7 @@ import torch.nn as nn
 from networks import build_model
 from .augment import DiffAugment, ParamDiffAug
 from .data import RealData, denormalize
-from .evaluate import (batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, has_batchnorm,
+from .evaluate import (auto_eval_batch, batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, has_batchnorm,
                        minibatches, train_and_test, train_and_test_batched)
 from .kernels import KERNELS
 from .matching import get_loops
@@ -282,7 +282,7 @@ class Condenser:
         for arch in self.eval_pool:
             s = self.eval_settings(arch)
             accs, t0 = [], time.time()
-            group = max(1, int(getattr(c, "eval_batch", 1)))
+            group = auto_eval_batch(getattr(c, "eval_batch", None), self.device, c.num_eval)
             bar = tqdm(total=c.num_eval, desc=f"eval {arch} it {it}", leave=False, disable=None)
             for start in range(0, c.num_eval, group):
                 ids = range(start, min(start + group, c.num_eval))

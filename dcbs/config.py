@@ -27,7 +27,7 @@ DEFAULTS = dict(
     epoch_eval_train=None, Iteration=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
     init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
     seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
-    kernel="loop", resume=None, load_syn=None, eval_batch=1,
+    kernel="loop", resume=None, load_syn=None, eval_batch=None,
 )
 # Batch Sampling (main_BS.py only)
 BS_DEFAULTS = dict(
@@ -73,8 +73,9 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
       help="S: the training model; M: ConvNet, MLP, LeNet, AlexNet, VGG11, ResNet18; W/D/A/P/N: ConvNet ablations")
     a("--num_exp", type=int, help="experiments, each a new synthetic set (default 5)")
     a("--num_eval", type=int, help="models trained per evaluation (default 20)")
-    a("--eval_batch", type=int, help="evaluation models trained together with torch.func.vmap (default 1: one by "
-                                     "one); models with BatchNorm are always trained one by one")
+    a("--eval_batch", type=int, help="evaluation models trained together with torch.func.vmap (default: all "
+                                     "--num_eval at once on CUDA, one by one on the CPU, where vmap measured slower); "
+                                     "models with BatchNorm are always trained one by one")
     a("--epoch_eval_train", type=int, help="evaluation epochs (default 300; 1000 when evaluation augments)")
     a("--Iteration", type=int, help="condensation iterations (default 1000; DM 20000)")
     a("--lr_img", type=float, help="learning rate of the synthetic images (default 0.1; DM 1.0)")
@@ -154,7 +155,7 @@ def validate(cfg: dict) -> None:
             raise ConfigError(msg)
     need(cfg["ipc"] >= 1, f"--ipc must be at least 1 (got {cfg['ipc']})")
     for k in ("num_exp", "num_eval", "batch_real", "batch_train", "ckpt_every", "eval_batch"):
-        need(cfg[k] >= 1, f"--{k} must be at least 1 (got {cfg[k]})")
+        need(cfg[k] is None and k == "eval_batch" or cfg[k] >= 1, f"--{k} must be at least 1 (got {cfg[k]})")
     need(cfg["Iteration"] >= 0, f"--Iteration must be >= 0 (got {cfg['Iteration']})")
     need(cfg["lr_img"] > 0 and cfg["lr_net"] > 0, "--lr_img and --lr_net must be positive")
     if cfg["epoch_eval_train"] is not None:

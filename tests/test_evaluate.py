@@ -121,3 +121,10 @@ def test_eval_mode_m_trains_every_listed_architecture(digits, tmp_path):
     out = ev.evaluate(x, torch.arange(10), 0, 0)
     assert sorted(out) == sorted(["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"])
     assert all(len(v) == 1 and 0.0 <= v[0] <= 1.0 for v in out.values())
+
+
+def test_eval_batch_default_is_all_models_on_cuda_and_one_on_the_cpu():
+    from dcbs.evaluate import auto_eval_batch
+    assert auto_eval_batch(None, "cuda", 20) == 20 and auto_eval_batch(None, "cuda:1", 10) == 10
+    assert auto_eval_batch(None, "cpu", 20) == 1
+    assert auto_eval_batch(4, "cpu", 20) == 4 and auto_eval_batch(4, "cuda", 20) == 4
