@@ -26,3 +26,18 @@ def test_bench_eval_rejects_a_single_model(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--models must be >= 2" in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_reference_refuses_to_run_without_the_reference_code(tmp_path):
+    out = tmp_path / "reference.json"
+    r = subprocess.run([sys.executable, "benchmarks/bench_reference.py", "--methods", "DC", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--reference_dir" in lines[0]
+    assert "git clone https://github.com/VICO-UoE/DatasetCondensation" in lines[0]
+    assert not out.exists()
+    # a folder that is not a clone is refused the same way
+    r = subprocess.run([sys.executable, "benchmarks/bench_reference.py", "--reference_dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no utils.py" in r.stderr and "git clone" in r.stderr

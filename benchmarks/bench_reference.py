@@ -1,0 +1,373 @@
+"""Our straightforward path against the public reference code, in one process (issue 6).
+
+Times one DC, DSA and DM iteration at ipc 1 on FashionMNIST-shaped random data
+(1x28x28, 10 classes, 6000 images per class, ConvNet) two ways, interleaved
+(ours, reference, ours, reference, ...) so that both see the same machine state:
+
+* ours: the ``loop`` kernel through ``dcbs.condense``'s step, driven as
+  ``bench_speed.py`` drives one iteration (a network built once, a fresh
+  ``StepContext`` per iteration);
+* reference: the loop body of the public DC/DSA/DM code
+  (https://github.com/VICO-UoE/DatasetCondensation), re-created in a few lines
+  that call its own ``utils`` (get_network, match_loss, DiffAugment,
+  ParamDiffAug) exactly as its ``main.py`` does for one outer iteration at ipc 1
+  (outer loop 1, so no inner network training) and ``main_DM.py`` for one DM
+  iteration. Its per-iteration ``get_network`` call is part of that body and is
+  timed with it (milliseconds); its clock-based seeds are kept. Its DSA call
+  needs two small adaptations to run on torch 2.x with one-channel images at
+  ipc 1 (``reference_iteration``'s ``siamese`` says which and why).
+
+The reference code is not part of this repository: pass a clone with
+``--reference_dir``. DSA and DM use ``--dsa_strategy`` on both sides (the
+reference main_DM.py's default; main.py needs it given for DSA).
+
+Both sides run with the same thread count and the allocator setting of
+``dcbs.perf.tune_allocator`` (process-wide, as bench_speed.py's cases). Each side
+gets one untimed warm-up, the run that counts its FLOPs (bench_speed's
+``_flops``, ``torch.utils.flop_counter``), then ``--repeats`` timed runs. The
+fp32 matmul ceiling comes from bench_speed's ``ceiling_gflops`` in the same run.
+``--profile`` also runs ``torch.profiler`` on one more iteration of each side and
+prints the top ops by self CPU time side by side.
+
+    git clone https://github.com/VICO-UoE/DatasetCondensation ../DatasetCondensation
+    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation
+    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC --profile
+
+The figures mean something only on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from types import SimpleNamespace
+
+CLONE = "git clone https://github.com/VICO-UoE/DatasetCondensation"
+SHAPE = "FashionMNIST"
+IPC = 1
+TOP_OPS = 15
+
+
+# --------------------------------------------------------------------------- the two sides
+def load_reference(reference_dir: str):
+    """The reference's ``utils`` module, imported from ``reference_dir``.
+
+    The reference's ``utils.py`` and ``networks.py`` share their names with our
+    top-level modules, so ours are set aside in ``sys.modules`` while it imports
+    (its ``utils`` binds its own ``networks``) and put back afterwards.
+    """
+    names = ("utils", "networks")
+    ours = {n: sys.modules.pop(n) for n in names if n in sys.modules}
+    sys.path.insert(0, reference_dir)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # scipy.ndimage.interpolation
+            import utils as ref
+    finally:
+        sys.path.remove(reference_dir)
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(ours)
+    if os.path.dirname(os.path.realpath(ref.__file__)) != os.path.realpath(reference_dir):
+        raise ImportError(f"imported {ref.__file__}, not the reference's utils.py")
+    return ref
+
+
+def ours_iteration(method: str, data, device, dsa_strategy: str):
+    """One iteration of our step with the ``loop`` kernel, set up as bench_speed.py's ``one_step``."""
+    import torch
+    import dcbs.condense as cd
+    from dcbs.augment import ParamDiffAug
+    from dcbs.samplers import ClassSampler
+    from networks import build_model
+
+    cfg = SimpleNamespace(ipc=IPC, batch_real=256, dsa_strategy=dsa_strategy if method != "DC" else "none", seed=0,
+                          dis_metric="ours", lr_net=0.01, batch_train=256, kernel="loop", method=method)
+    sampler = ClassSampler(data.indices_class, seed=2)
+    net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
+    image_syn = torch.randn(10 * IPC, data.channel, *data.im_size, device=device, requires_grad=True)
+    label_syn = torch.arange(10, device=device).repeat_interleave(IPC)
+    opt = torch.optim.SGD([image_syn], lr=1.0 if method == "DM" else 0.1, momentum=0.5)
+    dsa_param = ParamDiffAug()
+    step = cd.STEPS[method]
+    names = [n for n, _ in net.named_parameters()]
+    state = {"it": 0}
+
+    def one_step():
+        ctx = cd.StepContext(cfg, data, sampler, ClassSampler(data.indices_class, 3), 0, state["it"], device,
+                             dsa_param, cd.Diagnostics(names))
+        state["it"] += 1
+        step(net, image_syn, label_syn, opt, ctx)
+
+    return one_step
+
+
+def _one_image_param(ref):
+    """A reference ParamDiffAug for a one-image batch: ``Siamese`` reads False whatever DiffAugment sets
+    (broadcasting sample 0's draw to a batch of one changes nothing)."""
+    class OneImageParam(ref.ParamDiffAug):
+        Siamese = property(lambda self: False, lambda self, value: None)
+    return OneImageParam()
+
+
+def _plain_strides(x):
+    """``x`` with row-major (NCHW) strides: a copy when its strides differ, ``x`` itself otherwise."""
+    import torch
+    want, acc = [], 1
+    for size in reversed(x.shape):
+        want.insert(0, acc)
+        acc *= size
+    return x if list(x.stride()) == want else x.clone(memory_format=torch.contiguous_format)
+
+
+def reference_iteration(ref, method: str, data, dsa_strategy: str):
+    """One iteration of the reference loop body at ipc 1, calling its ``utils``.
+
+    DC/DSA: main.py's body for iteration ``it`` (outer_loop 1: the loop breaks
+    after the synthetic update, no inner network training). DM: main_DM.py's
+    ConvNet branch. ConvNet (instance norm) has no BatchNorm, so main.py's
+    BatchNorm freezing never runs. Real images: ``images_all[np.random.permutation
+    (indices_class[c])[:n]]`` with ``indices_class`` a list of Python ints, as the
+    reference's ``get_images``. DSA goes through ``siamese`` below (two adaptations
+    to torch 2.x, said there).
+    """
+    import numpy as np
+    import torch
+    import torch.nn as nn
+
+    channel, im_size, num_classes, ipc = data.channel, data.im_size, data.num_classes, IPC
+    images_all = data.images_train
+    indices_class = [[] for _ in range(num_classes)]
+    for i, lab in enumerate(data.labels_train.tolist()):
+        indices_class[lab].append(i)
+    args = SimpleNamespace(device="cpu", dis_metric="ours", batch_real=256, lr_net=0.01, ipc=ipc,
+                           dsa_param=ref.ParamDiffAug(),
+                           dsa=method != "DC" and dsa_strategy not in ("none", "None"),
+                           dsa_strategy=dsa_strategy if method != "DC" else "None")
+
+    def get_images(c, n):
+        idx_shuffle = np.random.permutation(indices_class[c])[:n]
+        return images_all[idx_shuffle]
+
+    syn_param = _one_image_param(ref)
+
+    def siamese(img_real, img_syn):
+        """The reference's DSA call pair, with two adaptations without which it fails on torch 2.x
+        for a one-channel dataset at ipc 1 (the reference's code is used as it is):
+        1. its siamese broadcast ``t[:] = t[0]`` on the one-image synthetic batch (a no-op) is refused
+           when ``t`` has one element ("... refer to a single memory location": crop, cutout, flip,
+           colour); the synthetic call gets a ParamDiffAug whose Siamese flag stays False; it reseeds
+           from the same seed, so it draws what the real batch's first sample draws;
+        2. its crop returns [N, 1, H, W] with channels-last strides, which ``.contiguous()`` keeps
+           (one channel: both layouts count as contiguous); the convolutions then return channels-last
+           maps and its ConvNet's ``out.view(out.size(0), -1)`` fails; the batches get row-major
+           strides back, the layout the rest of the batches (and ours) have.
+        """
+        seed = int(time.time() * 1000) % 100000
+        img_real = ref.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
+        img_syn = ref.DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=syn_param)
+        return _plain_strides(img_real), _plain_strides(img_syn)
+
+    image_syn = torch.randn(size=(num_classes * ipc, channel, im_size[0], im_size[1]), dtype=torch.float,
+                            requires_grad=True)
+    optimizer_img = torch.optim.SGD([image_syn], lr=1.0 if method == "DM" else 0.1, momentum=0.5)
+    optimizer_img.zero_grad()
+    criterion = nn.CrossEntropyLoss()
+
+    def gm_iteration():                                   # main.py, one iteration, outer_loop = 1
+        net = ref.get_network("ConvNet", channel, num_classes, im_size)
+        net.train()
+        net_parameters = list(net.parameters())
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+        optimizer_net.zero_grad()
+        loss = torch.tensor(0.0).to(args.device)
+        for c in range(num_classes):
+            img_real = get_images(c, args.batch_real)
+            lab_real = torch.ones((img_real.shape[0],), device=args.device, dtype=torch.long) * c
+            img_syn = image_syn[c * ipc:(c + 1) * ipc].reshape((ipc, channel, im_size[0], im_size[1]))
+            lab_syn = torch.ones((ipc,), device=args.device, dtype=torch.long) * c
+            if args.dsa:
+                img_real, img_syn = siamese(img_real, img_syn)
+            gw_real = torch.autograd.grad(criterion(net(img_real), lab_real), net_parameters)
+            gw_real = list((_.detach().clone() for _ in gw_real))
+            gw_syn = torch.autograd.grad(criterion(net(img_syn), lab_syn), net_parameters, create_graph=True)
+            loss += ref.match_loss(gw_syn, gw_real, args)
+        optimizer_img.zero_grad()
+        loss.backward()
+        optimizer_img.step()
+        return loss.item() / num_classes
+
+    def dm_iteration():                                   # main_DM.py, one iteration, ConvNet branch
+        net = ref.get_network("ConvNet", channel, num_classes, im_size)
+        net.train()
+        for param in list(net.parameters()):
+            param.requires_grad = False
+        embed = net.embed
+        loss = torch.tensor(0.0).to(args.device)
+        for c in range(num_classes):
+            img_real = get_images(c, args.batch_real)
+            img_syn = image_syn[c * ipc:(c + 1) * ipc].reshape((ipc, channel, im_size[0], im_size[1]))
+            if args.dsa:
+                img_real, img_syn = siamese(img_real, img_syn)
+            output_real = embed(img_real).detach()
+            output_syn = embed(img_syn)
+            loss += torch.sum((torch.mean(output_real, dim=0) - torch.mean(output_syn, dim=0)) ** 2)
+        optimizer_img.zero_grad()
+        loss.backward()
+        optimizer_img.step()
+        return loss.item() / num_classes
+
+    return dm_iteration if method == "DM" else gm_iteration
+
+
+# --------------------------------------------------------------------------- measuring
+def interleaved(fns: dict, device, repeats: int) -> dict:
+    """Seconds per call of each function, timed in turn: a, b, a, b, ..."""
+    from bench_speed import _sync
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def top_ops(fn, n: int = TOP_OPS) -> dict:
+    """One call under torch.profiler: the n ops with the most self CPU time, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"total_self_s": sum(e.self_cpu_time_total for e in events) / 1e6,
+            "ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "calls": e.count} for e in events[:n]]}
+
+
+def summary(times: list, flops: float, ceiling: float) -> dict:
+    med = statistics.median(times)
+    gflops = flops / med / 1e9
+    return {"times": times, "median_s": med, "min_s": min(times), "max_s": max(times), "gflop": flops / 1e9,
+            "gflops_per_s": gflops, "pct_ceiling": 100 * gflops / ceiling if ceiling else float("nan")}
+
+
+def print_table(rows, ceiling, threads, repeats):
+    print(f"\nipc {IPC}, {SHAPE} shape, ConvNet; {threads} threads; {repeats} timed repeats per side "
+          f"(+1 warm-up), interleaved; fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
+    head = (f"{'method':<7}{'side':<10}{'median s':>9} {'min-max':>15}{'GFLOP':>8}{'GFLOP/s':>9}{'%ceil':>6}"
+            f"{'ours/ref':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        for side in ("ours", "reference"):
+            s = r[side]
+            ratio = f"{r['ratio']:>9.2f}" if side == "ours" else ""
+            print(f"{r['method']:<7}{side:<10}{s['median_s']:>9.3f} {s['min_s']:>7.2f}-{s['max_s']:<7.2f}"
+                  f"{s['gflop']:>8.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{ratio}")
+
+
+def print_profile(method: str, prof: dict):
+    a, b = prof["ours"], prof["reference"]
+    w = 44
+    print(f"\nprofile {method}: one iteration each, top {TOP_OPS} ops by self CPU time "
+          f"(total self CPU: ours {a['total_self_s']:.2f} s, reference {b['total_self_s']:.2f} s)")
+    print(f"   {'ours':<{w}}{'s':>7}{'calls':>7} | {'reference':<{w}}{'s':>7}{'calls':>7}")
+    for i in range(max(len(a["ops"]), len(b["ops"]))):
+        cells = []
+        for side in (a, b):
+            if i < len(side["ops"]):
+                o = side["ops"][i]
+                cells.append(f"{o['op'][:w - 1]:<{w}}{o['self_s']:>7.3f}{o['calls']:>7}")
+            else:
+                cells.append(" " * (w + 14))
+        print(f"{i + 1:>2} {cells[0]} | {cells[1]}")
+
+
+def git_revision(path: str) -> str | None:
+    try:
+        r = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return (r.stdout.strip() or None) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference_dir", help=f"a clone of the public reference code ({CLONE})")
+    p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM"], choices=["DC", "DSA", "DM"])
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions per side (after one warm-up)")
+    p.add_argument("--num_threads", type=int, default=2)
+    p.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate",
+                   help="DSA transforms of the DSA and DM iterations, both sides")
+    p.add_argument("--profile", action="store_true", help="also profile one iteration of each side")
+    p.add_argument("--out", default=os.path.join("results", "bench", "reference.json"))
+    args = p.parse_args(argv)
+    if not args.reference_dir:
+        print(f"error: --reference_dir is required: the reference code is not part of this repository; "
+              f"get it with `{CLONE}` and pass --reference_dir PATH", file=sys.stderr)
+        return 2
+    ref_dir = os.path.abspath(args.reference_dir)
+    if not os.path.isfile(os.path.join(ref_dir, "utils.py")):
+        print(f"error: no utils.py in {ref_dir}; --reference_dir must be a clone made with `{CLONE}`",
+              file=sys.stderr)
+        return 2
+    if args.repeats < 1 or args.num_threads < 1:
+        print("error: --repeats and --num_threads must be >= 1", file=sys.stderr)
+        return 2
+
+    import torch
+    from bench_speed import _data, _flops, ceiling_gflops  # same folder; it puts the repository on sys.path
+    from dcbs.io import atomic_write_json
+    from dcbs.perf import tune_allocator
+    import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
+
+    tune_allocator()
+    torch.set_num_threads(args.num_threads)
+    ref = load_reference(ref_dir)
+    for msg in ("torch.meshgrid", "Default grid_sample", "Default upsampling"):
+        warnings.filterwarnings("ignore", message=msg)     # the reference's DiffAugment, every call
+    device = torch.device("cpu")
+    t0 = time.time()
+    ceiling = ceiling_gflops("cpu")
+    data = _data(SHAPE, device)
+    print(f"reference: {ref.__file__}; {torch.get_num_threads()} threads; ceiling {ceiling:.0f} GFLOP/s", flush=True)
+
+    rows, profiles = [], {}
+    for method in args.methods:
+        fns = {"ours": ours_iteration(method, data, device, args.dsa_strategy),
+               "reference": reference_iteration(ref, method, data, args.dsa_strategy)}
+        flops = {k: _flops(fn) for k, fn in fns.items()}            # also the warm-up of each side
+        times = interleaved(fns, device, args.repeats)
+        row = {"method": method, "ipc": IPC, "shape": SHAPE,
+               "dsa_strategy": args.dsa_strategy if method != "DC" else "none",
+               **{k: summary(times[k], flops[k], ceiling) for k in fns}}
+        row["ratio"] = row["ours"]["median_s"] / row["reference"]["median_s"]
+        rows.append(row)
+        print(f"{method}: ours {row['ours']['median_s']:.3f} s, reference {row['reference']['median_s']:.3f} s "
+              f"(ours/reference {row['ratio']:.2f})", flush=True)
+        if args.profile:
+            profiles[method] = {k: top_ops(fn) for k, fn in fns.items()}
+
+    print_table(rows, ceiling, torch.get_num_threads(), args.repeats)
+    for method, prof in profiles.items():
+        print_profile(method, prof)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "repeats": args.repeats, "warmup": 1, "interleaved": True, "ceiling_gflops": ceiling,
+            "reference_dir": ref_dir, "reference_revision": git_revision(ref_dir), "wall_s": time.time() - t0,
+            "argv": sys.argv[1:] if argv is None else list(argv)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_json(args.out, {"meta": meta, "rows": rows, "profile": profiles})
+    print(f"\nwritten {args.out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
