@@ -301,7 +301,7 @@ class Condenser:
                     return None
             bar.close()
             out[arch] = accs
-            log.info("%s exp %d it %d: %s %d epochs%s: %.2f%% ± %.2f over %d models (%.1f s)", self.label, exp, it,
+            log.info("%s exp %d it %s: %s %d epochs%s: %.2f%% ± %.2f over %d models (%.1f s)", self.label, exp, it,
                      arch, s.epochs, " (augmented)" if s.augmented else "", 100 * np.mean(accs),
                      100 * np.std(accs), len(accs), time.time() - t0)
         return out

@@ -111,3 +111,6 @@ def test_load_syn_evaluates_a_saved_set(tmp_path):
     assert r.returncode == 0, r.stderr
     acc = json.load(open(tmp_path / "ev" / "accuracies.json"))
     assert len(acc["0"]["loaded"]["ConvNet"]) == 2 and os.path.exists(tmp_path / "ev" / "DONE")
+    # the per-architecture line is logged (it once failed to format the iteration "loaded")
+    assert "Logging error" not in r.stderr
+    assert "it loaded: ConvNet 3 epochs" in open(tmp_path / "ev" / "log.txt").read()
