@@ -1,8 +1,10 @@
 """Our straightforward path against the public reference code, in one process (issue 6).
 
-Times one DC, DSA and DM iteration at ipc 1 on FashionMNIST-shaped random data
-(1x28x28, 10 classes, 6000 images per class, ConvNet) two ways, interleaved
-(ours, reference, ours, reference, ...) so that both see the same machine state:
+Times one DC, DSA and DM iteration at ipc 1, the evaluation's test pass (TEST) and
+one whole evaluation at ipc 1 (EVAL: 300 epochs on 10 images, then the test pass) on
+FashionMNIST-shaped random data (1x28x28, 10 classes, 6000 images per class, 10,000
+test images, ConvNet) two ways, interleaved (ours, reference, ours, reference, ...)
+so that both see the same machine state:
 
 * ours: the ``loop`` kernel through ``dcbs.condense``'s step, driven as
   ``bench_speed.py`` drives one iteration (a network built once, a fresh
@@ -12,7 +14,8 @@ Times one DC, DSA and DM iteration at ipc 1 on FashionMNIST-shaped random data
   that call its own ``utils`` (get_network, match_loss, DiffAugment,
   ParamDiffAug) exactly as its ``main.py`` does for one outer iteration at ipc 1
   (outer loop 1, so no inner network training) and ``main_DM.py`` for one DM
-  iteration. Its per-iteration ``get_network`` call is part of that body and is
+  iteration; for TEST and EVAL its ``epoch('test', ...)`` and ``evaluate_synset``
+  with a test loader as its ``main.py`` builds one. Its per-iteration ``get_network`` call is part of that body and is
   timed with it (milliseconds); its clock-based seeds are kept. Its DSA call
   needs two small adaptations to run on torch 2.x with one-channel images at
   ipc 1 (``reference_iteration``'s ``siamese`` says which and why).
@@ -225,6 +228,55 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str):
     return dm_iteration if method == "DM" else gm_iteration
 
 
+def ours_evaluation(kind: str, data, device):
+    """One evaluation of ours: ``EVAL`` trains a fresh ConvNet on a 10-image set by the protocol (300
+    epochs, no augmentation for FashionMNIST, as ``eval_settings_for`` says) and tests it on the
+    10,000 test images; ``TEST`` is the test pass alone (``test_accuracy``) of one network."""
+    import torch
+    from dcbs.evaluate import eval_settings_for, test_accuracy, train_and_test
+    from networks import build_model
+
+    x, y = data.images_train[:: data.images_train.shape[0] // 10][:10], torch.arange(10, device=device)
+    if kind == "TEST":
+        net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
+        return lambda: test_accuracy(net, data.images_test, data.labels_test)
+    s = eval_settings_for("ConvNet", SHAPE, "ConvNet", IPC, "none", 0.01, 256, None)
+    state = {"i": 0}
+
+    def one_eval():
+        state["i"] += 1
+        net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
+        train_and_test(net, x, y, data.images_test, data.labels_test, s,
+                       torch.Generator(device=device).manual_seed(state["i"]))
+    return one_eval
+
+
+def reference_evaluation(ref, kind: str, data):
+    """The reference's ``evaluate_synset`` (``EVAL``: 300 epochs, then its test pass) or its test
+    pass alone (``TEST``: ``epoch('test', ...)``, gradients enabled as the reference leaves them),
+    with its test loader as its ``main.py`` makes it (batch 256, no shuffling, no workers)."""
+    import contextlib
+    import io
+    import torch
+    import torch.nn as nn
+
+    args = SimpleNamespace(device="cpu", lr_net=0.01, batch_train=256, epoch_eval_train=300, dsa=False,
+                           dsa_strategy="None", dsa_param=ref.ParamDiffAug(),
+                           dc_aug_param=ref.get_daparam(SHAPE, "ConvNet", "ConvNet", IPC))
+    testloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images_test, data.labels_test),
+                                             batch_size=256, shuffle=False, num_workers=0)
+    x, y = data.images_train[:: data.images_train.shape[0] // 10][:10], torch.arange(10)
+    if kind == "TEST":
+        net = ref.get_network("ConvNet", data.channel, data.num_classes, data.im_size)
+        return lambda: ref.epoch("test", testloader, net, None, nn.CrossEntropyLoss(), args, aug=False)
+
+    def one_eval():
+        net = ref.get_network("ConvNet", data.channel, data.num_classes, data.im_size)
+        with contextlib.redirect_stdout(io.StringIO()):     # its one result line per call
+            ref.evaluate_synset(0, net, x, y, testloader, args)
+    return one_eval
+
+
 # --------------------------------------------------------------------------- measuring
 def interleaved(fns: dict, device, repeats: int) -> dict:
     """Seconds per call of each function, timed in turn: a, b, a, b, ..."""
@@ -301,7 +353,10 @@ def git_revision(path: str) -> str | None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reference_dir", help=f"a clone of the public reference code ({CLONE})")
-    p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM"], choices=["DC", "DSA", "DM"])
+    p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM", "TEST", "EVAL"],
+                   choices=["DC", "DSA", "DM", "TEST", "EVAL"],
+                   help="condensation iterations (DC, DSA, DM), the evaluation's test pass over 10,000 images "
+                        "(TEST) and one whole evaluation, 300 epochs + test pass (EVAL)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per side (after one warm-up)")
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate",
@@ -341,12 +396,15 @@ def main(argv=None):
 
     rows, profiles = [], {}
     for method in args.methods:
-        fns = {"ours": ours_iteration(method, data, device, args.dsa_strategy),
-               "reference": reference_iteration(ref, method, data, args.dsa_strategy)}
+        if method in ("TEST", "EVAL"):
+            fns = {"ours": ours_evaluation(method, data, device), "reference": reference_evaluation(ref, method, data)}
+        else:
+            fns = {"ours": ours_iteration(method, data, device, args.dsa_strategy),
+                   "reference": reference_iteration(ref, method, data, args.dsa_strategy)}
         flops = {k: _flops(fn) for k, fn in fns.items()}            # also the warm-up of each side
         times = interleaved(fns, device, args.repeats)
         row = {"method": method, "ipc": IPC, "shape": SHAPE,
-               "dsa_strategy": args.dsa_strategy if method != "DC" else "none",
+               "dsa_strategy": args.dsa_strategy if method in ("DSA", "DM") else "none",
                **{k: summary(times[k], flops[k], ceiling) for k in fns}}
         row["ratio"] = row["ours"]["median_s"] / row["reference"]["median_s"]
         rows.append(row)
