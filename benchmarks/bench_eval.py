@@ -26,7 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench_speed import _sync  # noqa: E402  (same folder)
+from bench_speed import _sync, write_report  # noqa: E402  (same folder)
 
 
 def measure(ipc: int, models: int, epochs: int, test_images: int, device, dsa: bool) -> dict:
@@ -101,15 +101,10 @@ def main(argv=None):
         rows.append(r)
         print(f"{ipc:>4}{args.models:>7}{args.epochs:>7}  {r['sequential_s_per_model']:>12.2f}"
               f"{r['batched_s_per_model']:>16.2f}{r['speedup']:>6.2f}  {r['max_acc_diff']:.4f}", flush=True)
-    from dcbs.io import atomic_write_json
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": str(device), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-            "note": "--epochs epochs and --test_images test images per model: a reduced protocol",
-            "wall_s": time.time() - t0, "argv": sys.argv[1:] if argv is None else list(argv)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write_json(args.out, {"meta": meta, "rows": rows})
-    print(f"written {args.out} ({time.time() - t0:.0f} s)")
+    write_report(args.out, t0, {"rows": rows}, device=str(device), threads=torch.get_num_threads(),
+                 gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
+                 note="--epochs epochs and --test_images test images per model: a reduced protocol",
+                 argv=sys.argv[1:] if argv is None else list(argv))
     return 0
 
 

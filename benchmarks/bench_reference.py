@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -236,10 +235,10 @@ def ours_evaluation(kind: str, data, device):
     from dcbs.evaluate import eval_settings_for, test_accuracy, train_and_test
     from networks import build_model
 
-    x, y = data.images_train[:: data.images_train.shape[0] // 10][:10], torch.arange(10, device=device)
     if kind == "TEST":
         net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
         return lambda: test_accuracy(net, data.images_test, data.labels_test)
+    x, y = data.images_train[:: data.images_train.shape[0] // 10][:10], torch.arange(10, device=device)
     s = eval_settings_for("ConvNet", SHAPE, "ConvNet", IPC, "none", 0.01, 256, None)
     state = {"i": 0}
 
@@ -265,10 +264,10 @@ def reference_evaluation(ref, kind: str, data):
                            dc_aug_param=ref.get_daparam(SHAPE, "ConvNet", "ConvNet", IPC))
     testloader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images_test, data.labels_test),
                                              batch_size=256, shuffle=False, num_workers=0)
-    x, y = data.images_train[:: data.images_train.shape[0] // 10][:10], torch.arange(10)
     if kind == "TEST":
         net = ref.get_network("ConvNet", data.channel, data.num_classes, data.im_size)
         return lambda: ref.epoch("test", testloader, net, None, nn.CrossEntropyLoss(), args, aug=False)
+    x, y = data.images_train[:: data.images_train.shape[0] // 10][:10], torch.arange(10)
 
     def one_eval():
         net = ref.get_network("ConvNet", data.channel, data.num_classes, data.im_size)
@@ -378,8 +377,7 @@ def main(argv=None):
         return 2
 
     import torch
-    from bench_speed import _data, _flops, ceiling_gflops  # same folder; it puts the repository on sys.path
-    from dcbs.io import atomic_write_json
+    from bench_speed import _data, _flops, ceiling_gflops, write_report  # same folder; it puts the repository on sys.path
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
 
@@ -416,14 +414,9 @@ def main(argv=None):
     print_table(rows, ceiling, torch.get_num_threads(), args.repeats)
     for method, prof in profiles.items():
         print_profile(method, prof)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": args.repeats, "warmup": 1, "interleaved": True, "ceiling_gflops": ceiling,
-            "reference_dir": ref_dir, "reference_revision": git_revision(ref_dir), "wall_s": time.time() - t0,
-            "argv": sys.argv[1:] if argv is None else list(argv)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write_json(args.out, {"meta": meta, "rows": rows, "profile": profiles})
-    print(f"\nwritten {args.out} ({time.time() - t0:.0f} s)")
+    write_report(args.out, t0, {"rows": rows, "profile": profiles}, threads=torch.get_num_threads(),
+                 repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=ceiling, reference_dir=ref_dir,
+                 reference_revision=git_revision(ref_dir), argv=sys.argv[1:] if argv is None else list(argv))
     return 0
 
 

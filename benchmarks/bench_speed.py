@@ -96,6 +96,18 @@ def _timed(fn, device, repeats: int):
     return ts
 
 
+def write_report(out: str, t0: float, body: dict, **meta) -> None:
+    """Writes ``{"meta": ..., **body}`` to ``out`` atomically and says so. ``meta`` gets the
+    date, machine, CPU count, torch version and wall time since ``t0`` besides the caller's keys."""
+    import torch
+    from dcbs.io import atomic_write_json
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, **meta, "wall_s": time.time() - t0}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write_json(out, {"meta": meta, **body})
+    print(f"\nwritten {out} ({time.time() - t0:.0f} s)")
+
+
 def _flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
@@ -330,14 +342,9 @@ def main(argv=None):
     rows = summarise(results, ceiling)
     print_table(rows, ceiling)
     import torch
-    from dcbs.io import atomic_write_json
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device,
-            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "ceiling_gflops": ceiling, "wall_s": time.time() - t0, "argv": sys.argv[1:]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write_json(args.out, {"meta": meta, "rows": rows, "raw": results})
-    print(f"\nwritten {args.out} ({time.time() - t0:.0f} s)")
+    write_report(args.out, t0, {"rows": rows, "raw": results}, device=args.device,
+                 gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, ceiling_gflops=ceiling,
+                 argv=sys.argv[1:])
     return 0
 
 
