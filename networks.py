@@ -10,11 +10,41 @@ the ones of the public DC/DSA/DM code (ConvNet, ConvNetW128, ConvNetBN, ...).
 """
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ConvNet", "MLP", "LeNet", "AlexNet", "VGG11", "ResNet18", "MODELS",
-           "build_model", "model_names", "num_feature_layers"]
+__all__ = ["ConvNet", "MLP", "LeNet", "AlexNet", "VGG11", "ResNet18", "MODELS", "AvgPool2x2", "OPS",
+           "build_model", "model_names", "num_feature_layers", "ops", "set_ops"]
+
+# How layers with a faster equivalent are computed: "fast" (default) or "plain" (torch's own
+# modules, as the public reference code builds them). Read when a model is built; set per
+# process by the scripts' --ops flag, or for a block of code with ``ops("plain")``.
+OPS = ("fast", "plain")
+_ops = "fast"
+
+
+@contextlib.contextmanager
+def ops(name: str):
+    """Models built inside this block use ``name`` ("fast" or "plain") layers."""
+    global _ops
+    if name not in OPS:
+        raise ValueError(f"unknown ops {name!r}; choose one of: {', '.join(OPS)}")
+    before, _ops = _ops, name
+    try:
+        yield
+    finally:
+        _ops = before
+
+
+def set_ops(name: str) -> None:
+    """Sets the layers of models built from now on in this process (the scripts' --ops)."""
+    global _ops
+    if name not in OPS:
+        raise ValueError(f"unknown ops {name!r}; choose one of: {', '.join(OPS)}")
+    _ops = name
 
 
 # --------------------------------------------------------------------------- #
@@ -26,8 +56,71 @@ def _act(name: str) -> nn.Module:
     return acts[name]()
 
 
+class _AvgPool2x2Fn(torch.autograd.Function):
+    """2x2 average pooling at stride 2 as two strided pairwise sums.
+
+    Forward: rows 0::2 + 1::2, then columns 0::2 + 1::2, times 1/4 (the summation order
+    differs from ``avg_pool2d``'s, so results agree to rounding: ~2e-7 relative). Backward:
+    the output gradient / 4 spread over each 2x2 window by two expand+reshape copies, made
+    of differentiable ops, so double backward (the synthetic side's ``create_graph``) and
+    ``torch.func`` transforms (the batched kernel's ``vmap(grad)``) work through it.
+    An odd last row or column is dropped, as ``nn.AvgPool2d(2, 2)`` does.
+
+    Why: on the 2-core AVX2 EPYC, torch's NCHW avg_pool2d runs at ~3.5 GB/s (66 ms forward,
+    96 ms backward on a 256x128x32x32 map) where a copy of that map takes 11 ms; this takes
+    10 ms forward and 28 ms backward (benchmarks/bench_ops.py).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :h, :w]
+        rows = torch.add(x[..., 0::2, :], x[..., 1::2, :])
+        return torch.add(rows[..., 0::2], rows[..., 1::2]).mul_(0.25)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.in_hw = tuple(inputs[0].shape[-2:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _spread2x2(grad, ctx.in_hw)
+
+
+def _spread2x2(grad, in_hw):
+    """Each output gradient / 4 copied to its 2x2 window (zeros under a dropped odd row/column)."""
+    lead, (h, w) = grad.shape[:-2], grad.shape[-2:]
+    g = (grad * 0.25).unsqueeze(-1).expand(*lead, h, w, 2).reshape(*lead, h, 2 * w)
+    g = g.unsqueeze(-2).expand(*lead, h, 2, 2 * w).reshape(*lead, 2 * h, 2 * w)
+    if (2 * h, 2 * w) != in_hw:
+        g = F.pad(g, (0, in_hw[1] - 2 * w, 0, in_hw[0] - 2 * h))
+    return g
+
+
+class AvgPool2x2(nn.Module):
+    """``nn.AvgPool2d(2, 2)``, computed by ``_AvgPool2x2Fn`` on the CPU when ``fast``.
+
+    On other devices (not measured there yet), when built under ``ops("plain")`` and for a
+    map smaller than 2x2 (torch's error then) it calls torch's ``avg_pool2d``. Holds no parameters: state dicts are unchanged.
+    """
+
+    def __init__(self, fast: bool | None = None):
+        super().__init__()
+        self.fast = (_ops == "fast") if fast is None else bool(fast)
+
+    def forward(self, x):
+        if self.fast and x.device.type == "cpu" and min(x.shape[-2:]) >= 2:
+            return _AvgPool2x2Fn.apply(x)
+        return F.avg_pool2d(x, 2, 2)
+
+    def extra_repr(self):
+        return f"kernel_size=2, stride=2, fast={self.fast}"
+
+
 def _pool(name: str) -> nn.Module | None:
-    pools = {"avgpooling": lambda: nn.AvgPool2d(2, 2), "maxpooling": lambda: nn.MaxPool2d(2, 2),
+    pools = {"avgpooling": AvgPool2x2, "maxpooling": lambda: nn.MaxPool2d(2, 2),
              "none": lambda: None}
     return pools[name]()
 
@@ -250,11 +343,16 @@ def model_names() -> list[str]:
     return sorted(MODELS)
 
 
-def build_model(name: str, channel: int, num_classes: int, im_size=(32, 32)) -> nn.Module:
-    """Builds model ``name`` with the current torch RNG (seed it first for a fixed init)."""
+def build_model(name: str, channel: int, num_classes: int, im_size=(32, 32), layers: str | None = None) -> nn.Module:
+    """Builds model ``name`` with the current torch RNG (seed it first for a fixed init).
+
+    ``layers``: "fast" or "plain" for this model; None takes the process setting (``set_ops``).
+    The choice draws no random numbers, so both builds get the same weights from the same seed.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(model_names())}")
-    return MODELS[name](channel, num_classes, tuple(im_size))
+    with ops(layers or _ops):
+        return MODELS[name](channel, num_classes, tuple(im_size))
 
 
 def num_feature_layers(name: str) -> int:

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import torch
 
+from networks import set_ops
+
 from .clusters import ClusterFileError
 from .condense import Condenser, Interrupted, NonFiniteError
 from .config import ConfigError, build_parser, resolve
@@ -27,8 +29,8 @@ log = logging.getLogger("dcbs")
 
 # settings that may differ on --resume without changing the result
 RESUME_FREE = {"device", "num_threads", "ckpt_every", "resume", "save_path", "explicit", "run_name"}
-# eval_batch changes accuracies only by floating-point rounding, so it may change on resume too
-RESUME_FREE |= {"eval_batch"}
+# eval_batch and ops change results only by floating-point rounding, so they may change on resume too
+RESUME_FREE |= {"eval_batch", "ops"}
 ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted, ClusterFileError)
 
 
@@ -140,6 +142,7 @@ def _main(ns, batch_sampling) -> int:
         run = None
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    set_ops(getattr(cfg, "ops", "fast"))  # runs saved before --ops existed resume with the default
     device = pick_device(cfg.device)
     if getattr(cfg, "load_syn", None):
         return evaluate_saved(cfg, device)

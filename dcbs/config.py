@@ -27,7 +27,7 @@ DEFAULTS = dict(
     epoch_eval_train=None, Iteration=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
     init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
     seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
-    kernel="loop", resume=None, load_syn=None, eval_batch=None,
+    kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None,
 )
 # Batch Sampling (main_BS.py only)
 BS_DEFAULTS = dict(
@@ -100,6 +100,9 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
     a("--kernel", choices=["loop", "batched"],
       help="per-class gradients: loop (one class at a time, as the protocol reads; default) or batched "
            "(all classes in one vmapped pass; same result up to rounding)")
+    a("--ops", choices=["fast", "plain"],
+      help="layers with a faster CPU equivalent (2x2 average pooling): fast (default) or plain (torch's "
+           "modules, as the reference code; same result up to rounding)")
     a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")
     if batch_sampling:
         a("--layer_idx", type=int, help="feature layer the clusters were made from (default 3)")

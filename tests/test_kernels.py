@@ -54,7 +54,7 @@ def test_per_class_grads_equal_the_loop_with_uneven_batches(model):
             torch.testing.assert_close(batched[name][c], ref, rtol=1e-4, atol=1e-6, msg=f"{model} {name} class {c}")
 
 
-def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32):
+def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, layers=None):
     """One full iteration of the shared loop; returns the loss row, synthetic images and their grad."""
     if dtype != torch.float32:
         digits = dataclasses.replace(digits, images_train=digits.images_train.to(dtype))
@@ -62,7 +62,7 @@ def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.flo
     cfg = SimpleNamespace(ipc=ipc, batch_real=24, dsa_strategy=dsa, seed=seed, dis_metric="ours", lr_net=0.01,
                           batch_train=256, kernel=kernel, method=method)
     torch.manual_seed(seed)
-    net = build_model(model, digits.channel, digits.num_classes, digits.im_size).to(dtype)
+    net = build_model(model, digits.channel, digits.num_classes, digits.im_size, layers=layers).to(dtype)
     g = torch.Generator().manual_seed(seed)
     image_syn = torch.randn(digits.num_classes * ipc, digits.channel, *digits.im_size, generator=g,
                             dtype=dtype).requires_grad_(True)

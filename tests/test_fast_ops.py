@@ -1,0 +1,113 @@
+"""The fast layers (``--ops fast``, the default) compute what torch's own layers compute (issue 6)."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+import networks
+from conftest import run_cli
+from dcbs.samplers import ClassSampler
+from networks import AvgPool2x2, build_model, ops
+from test_kernels import _step, assert_same_update
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7), (3, 5)])
+def test_avgpool_forward_and_backward_equal_torch(hw):
+    x = torch.randn(3, 4, *hw, dtype=torch.float64, requires_grad=True)
+    fast, plain = AvgPool2x2(fast=True), torch.nn.AvgPool2d(2, 2)
+    torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-15)
+    w = torch.randn_like(plain(x))
+    g_fast, = torch.autograd.grad((fast(x) * w).sum(), x)
+    g_plain, = torch.autograd.grad((plain(x) * w).sum(), x)
+    torch.testing.assert_close(g_fast, g_plain, rtol=0, atol=1e-15)   # odd row/column: zero gradient
+
+
+def test_avgpool_refuses_a_map_smaller_than_its_window_as_torch_does():
+    with pytest.raises(RuntimeError, match="too small"):
+        AvgPool2x2(fast=True)(torch.randn(1, 2, 1, 5))
+
+
+def test_avgpool_double_backward_and_vmap_grad():
+    """The synthetic side differentiates through the gradient (create_graph), the batched kernel
+    takes vmap(grad) over classes: both must see the same function as torch's pooling."""
+    fast = AvgPool2x2(fast=True)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: fast(t) ** 2, (x,))
+    xs = torch.randn(4, 2, 3, 6, 6, dtype=torch.float64)
+    got = vmap(grad(lambda t: (fast(t) ** 3).sum()))(xs)
+    want = vmap(grad(lambda t: (F.avg_pool2d(t, 2, 2) ** 3).sum()))(xs)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_float32_rounding_of_the_fast_pooling_is_tiny():
+    x = torch.randn(16, 128, 32, 32)
+    assert (AvgPool2x2(fast=True)(x) - F.avg_pool2d(x, 2, 2)).abs().max() < 1e-6
+
+
+def test_layers_choice_keeps_weights_and_state_dict():
+    torch.manual_seed(0)
+    fast = build_model("ConvNet", 3, 10, (32, 32), layers="fast")
+    torch.manual_seed(0)
+    plain = build_model("ConvNet", 3, 10, (32, 32), layers="plain")
+    assert [m.fast for m in fast.modules() if isinstance(m, AvgPool2x2)] == [True] * 3
+    assert [m.fast for m in plain.modules() if isinstance(m, AvgPool2x2)] == [False] * 3
+    sd_f, sd_p = fast.state_dict(), plain.state_dict()
+    assert sd_f.keys() == sd_p.keys() and all(torch.equal(sd_f[k], sd_p[k]) for k in sd_f)
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(fast(x)[0], plain(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_ops_context_and_process_setting():
+    assert build_model("ConvNet", 1, 10, (28, 28)).blocks[0][3].fast        # default: fast
+    with ops("plain"):
+        assert not build_model("ConvNet", 1, 10, (28, 28)).blocks[0][3].fast
+    assert build_model("ConvNet", 1, 10, (28, 28)).blocks[0][3].fast        # restored
+    with pytest.raises(ValueError, match="fast, plain"):
+        with ops("fused"):
+            pass
+    with pytest.raises(ValueError, match="fast, plain"):
+        networks.set_ops("fused")
+
+
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN"])
+def test_real_gradients_equal_between_fast_and_plain_layers(model):
+    torch.manual_seed(1)
+    fast = build_model(model, 1, 10, (28, 28), layers="fast")
+    torch.manual_seed(1)
+    plain = build_model(model, 1, 10, (28, 28), layers="plain")
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    g_f = torch.autograd.grad(F.cross_entropy(fast(x)[0], y), list(fast.parameters()))
+    g_p = torch.autograd.grad(F.cross_entropy(plain(x)[0], y), list(plain.parameters()))
+    flat_f, flat_p = torch.cat([g.flatten() for g in g_f]), torch.cat([g.flatten() for g in g_p])
+    assert (flat_f - flat_p).norm() <= 1e-5 * flat_p.norm()
+
+
+@pytest.mark.parametrize("kernel,model,method,ipc", [("loop", "ConvNet", "DC", 1), ("loop", "ConvNet", "DSA", 2),
+                                                     ("loop", "ConvNetBN", "DC", 1), ("loop", "ConvNet", "DM", 2),
+                                                     ("batched", "ConvNet", "DC", 2)])
+def test_fast_layers_make_the_same_update_as_plain_layers(digits, kernel, model, method, ipc):
+    """One whole iteration (real gradients, the synthetic side's double backward, the matching
+    loss) with fast pooling against the straightforward path: loop kernel and torch's pooling."""
+    sampler = ClassSampler(digits.indices_class, 11)
+    row_p, syn_p, start = _step("loop", model, method, digits, sampler, ipc, layers="plain")
+    row_f, syn_f, _ = _step(kernel, model, method, digits, sampler, ipc, layers="fast")
+    assert not torch.equal(syn_p, start)
+    assert_same_update(syn_f, syn_p, start)
+    assert row_f["loss"] == pytest.approx(row_p["loss"], rel=1e-4)
+
+
+def test_ops_flag_through_the_command_line(tmp_path):
+    args = ["--dataset", "digits", "--preset", "smoke", "--ipc", 1, "--batch_real", 32, "--seed", 5,
+            "--save_path", tmp_path]
+    out = {}
+    for layers in ("fast", "plain"):
+        r = run_cli("main.py", *args, "--run_name", layers, "--ops", layers)
+        assert r.returncode == 0, r.stderr
+        out[layers] = torch.load(os.path.join(tmp_path, layers, "syn_exp0.pt"), weights_only=True)["data"][0][0]
+        assert json.load(open(os.path.join(tmp_path, layers, "config.json")))["ops"] == layers
+    torch.testing.assert_close(out["fast"], out["plain"], rtol=1e-3, atol=1e-4)
+    r = run_cli("main.py", *args, "--run_name", "bad", "--ops", "fused")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
