@@ -72,17 +72,25 @@ def test_ops_context_and_process_setting():
         networks.set_ops("fused")
 
 
-@pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN"])
+def _grads(model, layers, dtype, x, y):
+    torch.manual_seed(1)
+    net = build_model(model, 1, 10, (28, 28), layers=layers).to(dtype)
+    g = torch.autograd.grad(F.cross_entropy(net(x.to(dtype))[0], y), list(net.parameters()))
+    return torch.cat([t.flatten() for t in g])
+
+
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN", "ConvNetD4"])
 def test_real_gradients_equal_between_fast_and_plain_layers(model):
-    torch.manual_seed(1)
-    fast = build_model(model, 1, 10, (28, 28), layers="fast")
-    torch.manual_seed(1)
-    plain = build_model(model, 1, 10, (28, 28), layers="plain")
+    """float64: the same function (1e-10); float32: rounding only. A random network's gradient
+    is ill-conditioned in float32 (plain vs float64 differs by 1e-4 to 2e-3 relative here), so
+    the float32 bound is loose, while a wrong layer would be off by O(1)."""
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    g_f = torch.autograd.grad(F.cross_entropy(fast(x)[0], y), list(fast.parameters()))
-    g_p = torch.autograd.grad(F.cross_entropy(plain(x)[0], y), list(plain.parameters()))
-    flat_f, flat_p = torch.cat([g.flatten() for g in g_f]), torch.cat([g.flatten() for g in g_p])
-    assert (flat_f - flat_p).norm() <= 1e-5 * flat_p.norm()
+    f64, p64 = _grads(model, "fast", torch.float64, x, y), _grads(model, "plain", torch.float64, x, y)
+    assert (f64 - p64).norm() <= 1e-10 * p64.norm()
+    f32, p32 = _grads(model, "fast", torch.float32, x, y), _grads(model, "plain", torch.float32, x, y)
+    assert (f32 - p32).norm() <= 2e-3 * p32.norm()
+    err_fast, err_plain = (f32 - p64.float()).norm(), (p32 - p64.float()).norm()
+    assert err_fast <= 5 * err_plain                     # no less accurate than the plain layers
 
 
 @pytest.mark.parametrize("kernel,model,method,ipc", [("loop", "ConvNet", "DC", 1), ("loop", "ConvNet", "DSA", 2),
