@@ -8,7 +8,8 @@ so that both see the same machine state:
 
 * ours: the ``loop`` kernel through ``dcbs.condense``'s step, driven as
   ``bench_speed.py`` drives one iteration (a network built once, a fresh
-  ``StepContext`` per iteration);
+  ``StepContext`` per iteration), with the fast layers (``--ops fast``, the
+  scripts' default) or torch's own (``--ops plain``: our straightforward path);
 * reference: the loop body of the public DC/DSA/DM code
   (https://github.com/VICO-UoE/DatasetCondensation), re-created in a few lines
   that call its own ``utils`` (get_network, match_loss, DiffAugment,
@@ -35,6 +36,7 @@ prints the top ops by self CPU time side by side.
     git clone https://github.com/VICO-UoE/DatasetCondensation ../DatasetCondensation
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC --profile
+    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --ops plain
 
 The figures mean something only on an otherwise idle machine.
 """
@@ -312,13 +314,13 @@ def print_table(rows, ceiling, threads, repeats):
     print(f"\nipc {IPC}, {SHAPE} shape, ConvNet; {threads} threads; {repeats} timed repeats per side "
           f"(+1 warm-up), interleaved; fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
     head = (f"{'method':<7}{'side':<10}{'median s':>9} {'min-max':>15}{'GFLOP':>8}{'GFLOP/s':>9}{'%ceil':>6}"
-            f"{'ours/ref':>9}")
+            f"{'ours/ref':>9}{'speed-up':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
         for side in ("ours", "reference"):
             s = r[side]
-            ratio = f"{r['ratio']:>9.2f}" if side == "ours" else ""
+            ratio = f"{r['ratio']:>9.2f}{1 / r['ratio']:>8.2f}x" if side == "ours" else ""
             print(f"{r['method']:<7}{side:<10}{s['median_s']:>9.3f} {s['min_s']:>7.2f}-{s['max_s']:<7.2f}"
                   f"{s['gflop']:>8.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{ratio}")
 
@@ -360,6 +362,8 @@ def main(argv=None):
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate",
                    help="DSA transforms of the DSA and DM iterations, both sides")
+    p.add_argument("--ops", choices=["fast", "plain"], default="fast",
+                   help="our side's layers: fast (the scripts' default) or plain (torch's, as the reference)")
     p.add_argument("--profile", action="store_true", help="also profile one iteration of each side")
     p.add_argument("--out", default=os.path.join("results", "bench", "reference.json"))
     args = p.parse_args(argv)
@@ -381,8 +385,10 @@ def main(argv=None):
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
 
+    from networks import set_ops
     tune_allocator()
     torch.set_num_threads(args.num_threads)
+    set_ops(args.ops)                    # our models only: the reference builds its own layers
     ref = load_reference(ref_dir)
     for msg in ("torch.meshgrid", "Default grid_sample", "Default upsampling"):
         warnings.filterwarnings("ignore", message=msg)     # the reference's DiffAugment, every call
@@ -390,7 +396,8 @@ def main(argv=None):
     t0 = time.time()
     ceiling = ceiling_gflops("cpu")
     data = _data(SHAPE, device)
-    print(f"reference: {ref.__file__}; {torch.get_num_threads()} threads; ceiling {ceiling:.0f} GFLOP/s", flush=True)
+    print(f"reference: {ref.__file__}; ours with --ops {args.ops}; {torch.get_num_threads()} threads; "
+          f"ceiling {ceiling:.0f} GFLOP/s", flush=True)
 
     rows, profiles = [], {}
     for method in args.methods:
@@ -414,7 +421,7 @@ def main(argv=None):
     print_table(rows, ceiling, torch.get_num_threads(), args.repeats)
     for method, prof in profiles.items():
         print_profile(method, prof)
-    write_report(args.out, t0, {"rows": rows, "profile": profiles}, threads=torch.get_num_threads(),
+    write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, threads=torch.get_num_threads(),
                  repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=ceiling, reference_dir=ref_dir,
                  reference_revision=git_revision(ref_dir), argv=sys.argv[1:] if argv is None else list(argv))
     return 0

@@ -1,10 +1,18 @@
 """Speed benchmark of the condensation loop and the evaluation (issue 6).
 
 Times, in one run and on the same machine, the per-iteration cost of DC, DSA, DM
-and Batch Sampling with each gradient-matching kernel (``loop``: the
-straightforward per-class path as the protocol reads; ``batched``: all classes
-in one vmapped pass), and the per-model evaluation cost (training and the
-10,000-image test pass). Random tensors with the datasets' shapes stand in for
+and Batch Sampling along several *paths*, and the per-model evaluation cost
+(training and the 10,000-image test pass). A path is ``kernel/layers``:
+
+* ``loop/plain`` - the straightforward path: per-class loop as the protocol reads,
+  torch's own layers (as the public reference code builds them). Speed-ups are
+  measured against it.
+* ``loop/fast`` - the default: the same loop with the fast layers (``--ops fast``:
+  2x2 average pooling as strided sums, ``networks.AvgPool2x2``).
+* ``batched/fast`` - all classes in one vmapped pass (``--kernel batched``).
+
+For the test pass ``loop`` is the reference's loop (batches of 256 under
+``no_grad``) and ``batched`` our ``test_accuracy``. Random tensors with the datasets' shapes stand in for
 the data (timing only). Every case runs in its own child process so its peak
 memory (RSS; GPU memory on CUDA) is its own.
 
@@ -17,9 +25,10 @@ the CPU ceiling is the fp32 rate of a 2048x2048 matmul measured in the same run.
     python benchmarks/bench_speed.py                       # the full table (~20-30 min on 2 cores)
     python benchmarks/bench_speed.py --quick               # a minute: tiny repeats, to check it runs
     python benchmarks/bench_speed.py --device cuda --ipcs 1 10 50
+    python benchmarks/bench_speed.py --shapes FashionMNIST --ipcs 1 --paths loop/plain loop/fast
 
 Prints a table (median, min-max, GFLOP/s, % of ceiling, peak memory, speed-up
-over the loop kernel) and writes it as JSON (``--out``).
+over loop/plain) and writes it as JSON (``--out``).
 """
 from __future__ import annotations
 
@@ -115,10 +124,16 @@ def _flops(fn) -> float:
     return float(fc.get_total_flops())
 
 
+PATHS = ("loop/plain", "loop/fast", "batched/fast", "batched/plain")
+STRAIGHTFORWARD = "loop/plain"
+
+
 def run_case(case: dict) -> dict:
     import torch
     from dcbs.perf import tune_allocator
+    from networks import set_ops
     tune_allocator()
+    set_ops(case["ops"])                    # every model this case builds
     if case.get("num_threads"):
         torch.set_num_threads(case["num_threads"])
     device = torch.device(case["device"])
@@ -233,24 +248,30 @@ def ceiling_gflops(device_name: str, n: int = 2048, repeats: int = 10) -> float:
 
 
 def plan(args) -> list[dict]:
+    paths = [p.split("/") for p in args.paths]
     cases = []
     for shape in args.shapes:
         for ipc in args.ipcs:
             if ipc > 1 and shape != "FashionMNIST" and args.device == "cpu":
                 continue                   # CPU budget: ipc >= 10 on the FashionMNIST shape only
             for method in args.methods:
-                for kernel in args.kernels:
-                    cases.append(dict(kind="iter", method=method, shape=shape, ipc=ipc, kernel=kernel))
+                for kernel, ops in paths:
+                    cases.append(dict(kind="iter", method=method, shape=shape, ipc=ipc, kernel=kernel, ops=ops))
         if not args.no_eval:
             for method, ipc in (("DC", 1), ("DC", 10), ("DSA", 1)):
                 if ipc in args.ipcs and (shape == "FashionMNIST" or args.device != "cpu"):
-                    cases.append(dict(kind="eval", method=method, shape=shape, ipc=ipc, kernel="-"))
-            for kernel in ("loop", "batched"):
-                cases.append(dict(kind="test_pass", method="-", shape=shape, ipc=1, kernel=kernel))
+                    for ops in dict.fromkeys(o for _, o in paths):
+                        cases.append(dict(kind="eval", method=method, shape=shape, ipc=ipc, kernel="-", ops=ops))
+            for kernel, ops in paths:
+                cases.append(dict(kind="test_pass", method="-", shape=shape, ipc=1, kernel=kernel, ops=ops))
     for c in cases:
         c.update(device=args.device, num_threads=args.num_threads,
                  repeats=args.repeats if c["kind"] != "eval" else max(1, args.repeats // 2))
     return cases
+
+
+def path_of(case: dict) -> str:
+    return f"{case['kernel']}/{case['ops']}"
 
 
 def run_child(case: dict, timeout: int) -> dict:
@@ -262,15 +283,16 @@ def run_child(case: dict, timeout: int) -> dict:
 
 
 def summarise(results: list[dict], ceiling: float) -> list[dict]:
+    """One row per case; ``speedup`` is the straightforward path's median over this one's
+    (for evaluation, whose kernel is "-": the plain layers' median)."""
+    base = {}
+    for r in results:
+        if "error" not in r and (path_of(r) == STRAIGHTFORWARD or (r["kernel"] == "-" and r["ops"] == "plain")):
+            base[(r["kind"], r["method"], r["shape"], r["ipc"])] = statistics.median(r["times"])
     rows = []
-    loop_median = {}
     for r in results:
-        if "error" in r:
-            continue
-        if r["kernel"] in ("loop", "-"):
-            loop_median[(r["kind"], r["method"], r["shape"], r["ipc"])] = statistics.median(r["times"])
-    for r in results:
-        row = {k: r[k] for k in ("kind", "method", "shape", "ipc", "kernel")}
+        row = {k: r[k] for k in ("kind", "method", "shape", "ipc", "kernel", "ops")}
+        row["path"] = path_of(r)
         if "error" in r:
             rows.append({**row, "error": r["error"]})
             continue
@@ -282,25 +304,26 @@ def summarise(results: list[dict], ceiling: float) -> list[dict]:
                      "n": len(r["times"]), "gflop": r["flops"] / 1e9, "gflops_per_s": gflops,
                      "pct_ceiling": 100 * gflops / ceiling if ceiling else float("nan"),
                      "peak_mb": r["peak_mb"], "threads": r["threads"],
-                     "speedup_vs_loop": loop_median[key] / med if key in loop_median else float("nan"),
+                     "speedup": base[key] / med if key in base else float("nan"),
                      "reference_s": ref})
     return rows
 
 
 def print_table(rows, ceiling):
-    print(f"\nfp32 matmul ceiling: {ceiling:.0f} GFLOP/s")
-    head = (f"{'what':<10}{'method':<7}{'shape':<13}{'ipc':>4} {'kernel':<8}{'median s':>9} {'min-max':>15}"
-            f"{'GFLOP/s':>9}{'%ceil':>6}{'peak MB':>9}{'x loop':>7}{'ref s':>7}")
+    print(f"\nfp32 matmul ceiling: {ceiling:.0f} GFLOP/s; speed-up over {STRAIGHTFORWARD}; "
+          f"ref s: the public reference code as issue 6 measured it on its machine")
+    head = (f"{'what':<10}{'method':<7}{'shape':<13}{'ipc':>4} {'path':<14}{'median s':>9} {'min-max':>15}"
+            f"{'GFLOP/s':>9}{'%ceil':>6}{'peak MB':>9}{'speedup':>8}{'ref s':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        lead = f"{r['kind']:<10}{r['method']:<7}{r['shape']:<13}{r['ipc']:>4} {r['kernel']:<8}"
+        lead = f"{r['kind']:<10}{r['method']:<7}{r['shape']:<13}{r['ipc']:>4} {r['path']:<14}"
         if "error" in r:
             print(lead + f"  error: {r['error']}")
             continue
         ref = f"{r['reference_s']:.1f}" if r["reference_s"] else "-"
         print(lead + f"{r['median_s']:>9.3f} {r['min_s']:>7.2f}-{r['max_s']:<7.2f}{r['gflops_per_s']:>9.1f}"
-              f"{r['pct_ceiling']:>6.0f}{r['peak_mb']:>9.0f}{r['speedup_vs_loop']:>7.2f}{ref:>7}")
+              f"{r['pct_ceiling']:>6.0f}{r['peak_mb']:>9.0f}{r['speedup']:>8.2f}{ref:>7}")
 
 
 def main(argv=None):
@@ -309,7 +332,8 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=["FashionMNIST", "CIFAR10"], choices=list(SHAPES))
     p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM", "BS"], choices=["DC", "DSA", "DM", "BS"])
     p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10])
-    p.add_argument("--kernels", nargs="+", default=["loop", "batched"], choices=["loop", "batched"])
+    p.add_argument("--paths", nargs="+", default=["loop/plain", "loop/fast", "batched/fast"], choices=PATHS,
+                   help=f"kernel/layers combinations; speed-ups are over {STRAIGHTFORWARD}, the straightforward path")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (after one warm-up)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation cases")
@@ -337,7 +361,7 @@ def main(argv=None):
         r = run_child(c, args.timeout)
         results.append(r)
         msg = r.get("error") or f"median {statistics.median(r['times']):.3f} s"
-        print(f"[{i + 1}/{len(cases)}] {c['kind']} {c['method']} {c['shape']} ipc {c['ipc']} {c['kernel']}: {msg}",
+        print(f"[{i + 1}/{len(cases)}] {c['kind']} {c['method']} {c['shape']} ipc {c['ipc']} {path_of(c)}: {msg}",
               flush=True)
     rows = summarise(results, ceiling)
     print_table(rows, ceiling)
