@@ -26,13 +26,17 @@ OPS = ("fast", "plain")
 _ops = "fast"
 
 
+def _checked(name: str) -> str:
+    if name not in OPS:
+        raise ValueError(f"unknown ops {name!r}; choose one of: {', '.join(OPS)}")
+    return name
+
+
 @contextlib.contextmanager
 def ops(name: str):
     """Models built inside this block use ``name`` ("fast" or "plain") layers."""
     global _ops
-    if name not in OPS:
-        raise ValueError(f"unknown ops {name!r}; choose one of: {', '.join(OPS)}")
-    before, _ops = _ops, name
+    before, _ops = _ops, _checked(name)
     try:
         yield
     finally:
@@ -42,9 +46,7 @@ def ops(name: str):
 def set_ops(name: str) -> None:
     """Sets the layers of models built from now on in this process (the scripts' --ops)."""
     global _ops
-    if name not in OPS:
-        raise ValueError(f"unknown ops {name!r}; choose one of: {', '.join(OPS)}")
-    _ops = name
+    _ops = _checked(name)
 
 
 # --------------------------------------------------------------------------- #
