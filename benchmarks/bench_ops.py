@@ -59,14 +59,14 @@ def cases(shapes, batch: int):
         ys = torch.randint(0, 10, (batch,), generator=g)
         nets = {k: build_model("ConvNet", channel, 10, im_size, layers=k) for k in ("plain", "fast")}
 
-        def real_grad(net):
+        def real_grad(net, xs=xs, ys=ys):     # bound now: the loop rebinds xs and ys per shape
             return torch.autograd.grad(F.cross_entropy(net(xs)[0], ys), list(net.parameters()))
 
-        def forward(net):
+        def forward(net, xs=xs):
             with torch.inference_mode():
                 return net(xs)[0]
-        out[f"ConvNet {shape} real-data gradient"] = {k: (lambda n=n: real_grad(n)) for k, n in nets.items()}
-        out[f"ConvNet {shape} inference forward"] = {k: (lambda n=n: forward(n)) for k, n in nets.items()}
+        out[f"ConvNet {shape} real-data gradient"] = {k: (lambda n=n, f=real_grad: f(n)) for k, n in nets.items()}
+        out[f"ConvNet {shape} inference forward"] = {k: (lambda n=n, f=forward: f(n)) for k, n in nets.items()}
     return out
 
 

@@ -12,7 +12,12 @@ and Batch Sampling along several *paths*, and the per-model evaluation cost
 * ``batched/fast`` - all classes in one vmapped pass (``--kernel batched``).
 
 For the test pass ``loop`` is the reference's loop (batches of 256 under
-``no_grad``) and ``batched`` our ``test_accuracy``. Random tensors with the datasets' shapes stand in for
+``no_grad``) and ``batched`` our ``test_accuracy``.
+
+Cases run one after another; on a machine whose speed drifts (the shared 2-core VM
+here: its matmul ceiling read 146, 119 and 131 GFLOP/s within 20 minutes) that order
+alone can move a ratio by 10 %, so ``--rounds N`` runs the whole list N times in turn
+and pools each case's repetitions. Random tensors with the datasets' shapes stand in for
 the data (timing only). Every case runs in its own child process so its peak
 memory (RSS; GPU memory on CUDA) is its own.
 
@@ -270,6 +275,13 @@ def plan(args) -> list[dict]:
     return cases
 
 
+def merge_rounds(a: dict, b: dict) -> dict:
+    """One case's results of two rounds: all timed repetitions, the larger peak memory."""
+    if "error" in a or "error" in b:
+        return a if "error" in a else b
+    return {**a, "times": a["times"] + b["times"], "peak_mb": max(a["peak_mb"], b["peak_mb"])}
+
+
 def path_of(case: dict) -> str:
     return f"{case['kernel']}/{case['ops']}"
 
@@ -335,6 +347,9 @@ def main(argv=None):
     p.add_argument("--paths", nargs="+", default=["loop/plain", "loop/fast", "batched/fast"], choices=PATHS,
                    help=f"kernel/layers combinations; speed-ups are over {STRAIGHTFORWARD}, the straightforward path")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (after one warm-up)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list of cases this many times in turn and pool each case's repetitions, "
+                        "so that a machine whose speed drifts (a shared VM) slows every path alike")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation cases")
     p.add_argument("--quick", action="store_true", help="FashionMNIST shape, ipc 1, DC and DM, 1 repeat, no eval")
@@ -352,21 +367,25 @@ def main(argv=None):
         if not torch.cuda.is_available():
             print("error: --device cuda but CUDA is not available", file=sys.stderr)
             return 2
+    if args.rounds < 1 or args.repeats < 1:
+        print("error: --rounds and --repeats must be >= 1", file=sys.stderr)
+        return 2
     cases = plan(args)
     t0 = time.time()
     ceiling = ceiling_gflops(args.device)
     print(f"{len(cases)} cases on {args.device}; fp32 ceiling {ceiling:.0f} GFLOP/s", flush=True)
-    results = []
-    for i, c in enumerate(cases):
-        r = run_child(c, args.timeout)
-        results.append(r)
-        msg = r.get("error") or f"median {statistics.median(r['times']):.3f} s"
-        print(f"[{i + 1}/{len(cases)}] {c['kind']} {c['method']} {c['shape']} ipc {c['ipc']} {path_of(c)}: {msg}",
-              flush=True)
+    results = [None] * len(cases)
+    for rnd in range(args.rounds):
+        for i, c in enumerate(cases):
+            r = run_child(c, args.timeout)
+            results[i] = r if results[i] is None else merge_rounds(results[i], r)
+            msg = r.get("error") or f"median {statistics.median(r['times']):.3f} s"
+            print(f"[round {rnd + 1}/{args.rounds}, {i + 1}/{len(cases)}] {c['kind']} {c['method']} {c['shape']} "
+                  f"ipc {c['ipc']} {path_of(c)}: {msg}", flush=True)
     rows = summarise(results, ceiling)
     print_table(rows, ceiling)
     import torch
-    write_report(args.out, t0, {"rows": rows, "raw": results}, device=args.device,
+    write_report(args.out, t0, {"rows": rows, "raw": results}, device=args.device, rounds=args.rounds,
                  gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, ceiling_gflops=ceiling,
                  argv=sys.argv[1:])
     return 0

@@ -46,7 +46,7 @@ def test_bench_reference_refuses_to_run_without_the_reference_code(tmp_path):
 def test_bench_speed_times_the_straightforward_and_the_fast_path(tmp_path):
     out = tmp_path / "speed.json"
     r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--shapes", "FashionMNIST", "--methods", "DM",
-                        "--ipcs", "1", "--repeats", "1", "--no_eval", "--num_threads", "1",
+                        "--ipcs", "1", "--repeats", "1", "--rounds", "2", "--no_eval", "--num_threads", "1",
                         "--paths", "loop/plain", "loop/fast", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
@@ -54,17 +54,19 @@ def test_bench_speed_times_the_straightforward_and_the_fast_path(tmp_path):
     assert [row["path"] for row in rows] == ["loop/plain", "loop/fast"]
     assert [row["ops"] for row in json.loads(out.read_text())["raw"]] == ["plain", "fast"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0
+    assert [row["n"] for row in rows] == [2, 2]              # one repetition in each of two rounds
     assert all(row["gflop"] > 0 and row["peak_mb"] > 0 for row in rows)
     assert "speed-up over loop/plain" in r.stdout
 
 
 def test_bench_ops_times_plain_and_fast_layers(tmp_path):
     out = tmp_path / "ops.json"
-    r = subprocess.run([sys.executable, "benchmarks/bench_ops.py", "--shapes", "CIFAR10", "--batch", "8",
+    r = subprocess.run([sys.executable, "benchmarks/bench_ops.py", "--batch", "8",
                         "--repeats", "1", "--num_threads", "1", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["what"] for row in rows] == ["pool forward 128x32x32", "pool backward 128x32x32",
-                                             "ConvNet CIFAR10 real-data gradient", "ConvNet CIFAR10 inference forward"]
+    assert [row["what"] for row in rows] == ["pool forward 128x32x32", "pool backward 128x32x32"] + [
+        f"ConvNet {shape} {what}" for shape in ("FashionMNIST", "CIFAR10")
+        for what in ("real-data gradient", "inference forward")]
     assert all(row["plain"]["median_s"] > 0 and row["fast"]["median_s"] > 0 for row in rows)
