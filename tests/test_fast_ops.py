@@ -81,14 +81,16 @@ def _grads(model, layers, dtype, x, y):
 
 @pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN", "ConvNetD4"])
 def test_real_gradients_equal_between_fast_and_plain_layers(model):
-    """float64: the same function (1e-10); float32: rounding only. A random network's gradient
-    is ill-conditioned in float32 (plain vs float64 differs by 1e-4 to 2e-3 relative here), so
-    the float32 bound is loose, while a wrong layer would be off by O(1)."""
-    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    """float64: the same function (1e-10). float32: rounding only, judged against float64. How far
+    float32 lands from float64 depends on the batch (1e-6 to 2e-3 relative for plain layers over a
+    few seeds: instance norm over a 2x2 map is ill-conditioned), so the fast layers must be no less
+    accurate than the plain ones rather than within a fixed bound; a wrong layer is off by O(1)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
     f64, p64 = _grads(model, "fast", torch.float64, x, y), _grads(model, "plain", torch.float64, x, y)
     assert (f64 - p64).norm() <= 1e-10 * p64.norm()
     f32, p32 = _grads(model, "fast", torch.float32, x, y), _grads(model, "plain", torch.float32, x, y)
-    assert (f32 - p32).norm() <= 2e-3 * p32.norm()
+    assert (f32 - p32).norm() <= 1e-3 * p32.norm()
     err_fast, err_plain = (f32 - p64.float()).norm(), (p32 - p64.float()).norm()
     assert err_fast <= 5 * err_plain                     # no less accurate than the plain layers
 
