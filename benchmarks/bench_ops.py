@@ -28,19 +28,6 @@ sys.path.insert(0, ROOT)
 SHAPES = {"FashionMNIST": (1, (28, 28)), "CIFAR10": (3, (32, 32))}
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Seconds per call of each function, one warm-up each, then the functions in turn."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
 def cases(shapes, batch: int):
     """{name: {"plain": fn, "fast": fn}} of the pooling and the ConvNet passes."""
     import torch
@@ -82,7 +69,7 @@ def main(argv=None):
         print("error: --repeats and --batch must be >= 1", file=sys.stderr)
         return 2
     import torch
-    from bench_speed import write_report  # same folder
+    from bench_speed import interleaved, write_report  # same folder
     from dcbs.perf import tune_allocator
     tune_allocator()
     if args.num_threads:
@@ -92,7 +79,9 @@ def main(argv=None):
     print(f"batch {args.batch}; {torch.get_num_threads()} threads; {args.repeats} interleaved calls per side "
           f"(+1 warm-up); medians (min-max)")
     for name, fns in cases(args.shapes, args.batch).items():
-        times = interleaved(fns, args.repeats)
+        for fn in fns.values():
+            fn()                                  # warm-up (allocator, oneDNN primitives)
+        times = interleaved(fns, torch.device("cpu"), args.repeats)
         row = {"what": name, **{k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "times": v}
                                 for k, v in times.items()}}
         row["speedup"] = row["plain"]["median_s"] / row["fast"]["median_s"]

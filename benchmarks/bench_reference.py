@@ -279,20 +279,6 @@ def reference_evaluation(ref, kind: str, data):
 
 
 # --------------------------------------------------------------------------- measuring
-def interleaved(fns: dict, device, repeats: int) -> dict:
-    """Seconds per call of each function, timed in turn: a, b, a, b, ..."""
-    from bench_speed import _sync
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
 def top_ops(fn, n: int = TOP_OPS) -> dict:
     """One call under torch.profiler: the n ops with the most self CPU time, and the total."""
     from torch.profiler import ProfilerActivity, profile
@@ -381,7 +367,7 @@ def main(argv=None):
         return 2
 
     import torch
-    from bench_speed import _data, _flops, ceiling_gflops, write_report  # same folder; it puts the repository on sys.path
+    from bench_speed import _data, _flops, ceiling_gflops, interleaved, write_report  # same folder; it puts the repository on sys.path
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
 

@@ -110,6 +110,19 @@ def _timed(fn, device, repeats: int):
     return ts
 
 
+def interleaved(fns: dict, device, repeats: int) -> dict:
+    """Seconds per call of each function, timed in turn: a, b, a, b, ... (no warm-up: the caller's)."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
 def write_report(out: str, t0: float, body: dict, **meta) -> None:
     """Writes ``{"meta": ..., **body}`` to ``out`` atomically and says so. ``meta`` gets the
     date, machine, CPU count, torch version and wall time since ``t0`` besides the caller's keys."""

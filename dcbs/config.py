@@ -12,7 +12,7 @@ import argparse
 import os
 from types import SimpleNamespace
 
-from networks import model_names
+from networks import OPS, model_names
 from .data import DATASETS
 
 __all__ = ["build_parser", "resolve", "ConfigError", "PRESETS", "METHOD_DEFAULTS", "default_eval_its"]
@@ -100,7 +100,7 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
     a("--kernel", choices=["loop", "batched"],
       help="per-class gradients: loop (one class at a time, as the protocol reads; default) or batched "
            "(all classes in one vmapped pass; same result up to rounding)")
-    a("--ops", choices=["fast", "plain"],
+    a("--ops", choices=list(OPS),
       help="layers with a faster CPU equivalent (2x2 average pooling): fast (default) or plain (torch's "
            "modules, as the reference code; same result up to rounding)")
     a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")

@@ -1,17 +1,13 @@
 """The fast layers (``--ops fast``, the default) compute what torch's own layers compute (issue 6)."""
-import json
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
 import networks
-from conftest import run_cli
 from dcbs.samplers import ClassSampler
 from networks import AvgPool2x2, build_model, ops
-from test_kernels import _step, assert_same_update
+from test_kernels import _step, assert_same_update, check_flag_through_the_command_line
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (9, 7), (3, 5)])
@@ -110,14 +106,4 @@ def test_fast_layers_make_the_same_update_as_plain_layers(digits, kernel, model,
 
 
 def test_ops_flag_through_the_command_line(tmp_path):
-    args = ["--dataset", "digits", "--preset", "smoke", "--ipc", 1, "--batch_real", 32, "--seed", 5,
-            "--save_path", tmp_path]
-    out = {}
-    for layers in ("fast", "plain"):
-        r = run_cli("main.py", *args, "--run_name", layers, "--ops", layers)
-        assert r.returncode == 0, r.stderr
-        out[layers] = torch.load(os.path.join(tmp_path, layers, "syn_exp0.pt"), weights_only=True)["data"][0][0]
-        assert json.load(open(os.path.join(tmp_path, layers, "config.json")))["ops"] == layers
-    torch.testing.assert_close(out["fast"], out["plain"], rtol=1e-3, atol=1e-4)
-    r = run_cli("main.py", *args, "--run_name", "bad", "--ops", "fused")
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+    check_flag_through_the_command_line(tmp_path, "ops", ("plain", "fast"), ipc=1)

@@ -134,18 +134,24 @@ def test_batched_kernel_with_uneven_cluster_batches(digits):
     assert row_b["loss"] == pytest.approx(row_l["loss"], rel=1e-4)
 
 
-def test_kernel_flag_through_the_command_line(tmp_path):
-    args = ["--dataset", "digits", "--preset", "smoke", "--ipc", 2, "--batch_real", 32, "--seed", 5,
+def check_flag_through_the_command_line(tmp_path, flag, values, ipc):
+    """Runs main.py once per value of ``--flag``: each run records it in config.json, the synthetic
+    sets agree to rounding, and an unknown value is refused by argparse."""
+    args = ["--dataset", "digits", "--preset", "smoke", "--ipc", ipc, "--batch_real", 32, "--seed", 5,
             "--save_path", tmp_path]
     out = {}
-    for kernel in ("loop", "batched"):
-        r = run_cli("main.py", *args, "--run_name", kernel, "--kernel", kernel)
+    for value in values:
+        r = run_cli("main.py", *args, "--run_name", value, f"--{flag}", value)
         assert r.returncode == 0, r.stderr
-        out[kernel] = torch.load(os.path.join(tmp_path, kernel, "syn_exp0.pt"), weights_only=True)["data"][0][0]
-        assert json.load(open(os.path.join(tmp_path, kernel, "config.json")))["kernel"] == kernel
-    torch.testing.assert_close(out["batched"], out["loop"], rtol=1e-3, atol=1e-4)
-    r = run_cli("main.py", *args, "--run_name", "bad", "--kernel", "fused")
+        out[value] = torch.load(os.path.join(tmp_path, value, "syn_exp0.pt"), weights_only=True)["data"][0][0]
+        assert json.load(open(os.path.join(tmp_path, value, "config.json")))[flag] == value
+    torch.testing.assert_close(out[values[1]], out[values[0]], rtol=1e-3, atol=1e-4)
+    r = run_cli("main.py", *args, "--run_name", "bad", f"--{flag}", "fused")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_kernel_flag_through_the_command_line(tmp_path):
+    check_flag_through_the_command_line(tmp_path, "kernel", ("loop", "batched"), ipc=2)
 
 
 def test_batched_kernel_in_chunks_of_classes_equals_the_loop(digits, monkeypatch):
