@@ -54,27 +54,30 @@ def test_per_class_grads_equal_the_loop_with_uneven_batches(model):
             torch.testing.assert_close(batched[name][c], ref, rtol=1e-4, atol=1e-6, msg=f"{model} {name} class {c}")
 
 
-def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, layers=None):
-    """One full iteration of the shared loop; returns the loss row, synthetic images and their grad."""
+def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, layers=None, device="cpu"):
+    """One full iteration of the shared loop on ``device`` (the real data stays on the CPU, as
+    ``StepContext.real_batch`` moves each batch); returns the loss row and the synthetic images
+    after and before the step, on the CPU."""
     if dtype != torch.float32:
         digits = dataclasses.replace(digits, images_train=digits.images_train.to(dtype))
     dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
     cfg = SimpleNamespace(ipc=ipc, batch_real=24, dsa_strategy=dsa, seed=seed, dis_metric="ours", lr_net=0.01,
                           batch_train=256, kernel=kernel, method=method)
     torch.manual_seed(seed)
-    net = build_model(model, digits.channel, digits.num_classes, digits.im_size, layers=layers).to(dtype)
+    device = torch.device(device)
+    net = build_model(model, digits.channel, digits.num_classes, digits.im_size, layers=layers).to(device, dtype)
     g = torch.Generator().manual_seed(seed)
     image_syn = torch.randn(digits.num_classes * ipc, digits.channel, *digits.im_size, generator=g,
-                            dtype=dtype).requires_grad_(True)
-    label_syn = torch.arange(digits.num_classes).repeat_interleave(ipc)
+                            dtype=dtype).to(device).requires_grad_(True)
+    label_syn = torch.arange(digits.num_classes).repeat_interleave(ipc).to(device)
     opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
     diag = Diagnostics([n for n, _ in net.named_parameters()])
     ctx = StepContext(cfg, digits, copy.deepcopy(sampler), ClassSampler(digits.indices_class, 5), 0, 0,
-                      torch.device("cpu"), ParamDiffAug(), diag)
-    start = image_syn.detach().clone()
+                      device, ParamDiffAug(), diag)
+    start = image_syn.detach().clone().cpu()
     step = distribution_matching_step if method == "DM" else gradient_matching_step
     step(net, image_syn, label_syn, opt, ctx)
-    return diag.row(0, 0), image_syn.detach(), start
+    return diag.row(0, 0), image_syn.detach().cpu(), start
 
 
 def assert_same_update(syn_b, syn_l, start):
