@@ -351,7 +351,7 @@ def print_table(rows, ceiling):
               f"{r['pct_ceiling']:>6.0f}{r['peak_mb']:>9.0f}{r['speedup']:>8.2f}{ref:>7}")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shapes", nargs="+", default=["FashionMNIST", "CIFAR10"], choices=list(SHAPES))
@@ -369,7 +369,11 @@ def main(argv=None):
     p.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     p.add_argument("--out", default=os.path.join("results", "bench", "speed.json"))
     p.add_argument("--_case", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args._case:
         print(json.dumps(run_case(json.loads(args._case))))
         return 0

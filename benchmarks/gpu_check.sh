@@ -17,7 +17,7 @@
 # GPU_CHECK_RUN_DIR, default /tmp/gpu_check_run) and the script goes on after a failed stage; the
 # last line says which stages failed. With the device tool: run(command="bash benchmarks/gpu_check.sh
 # $OUT", timeout_s=600). GPU_CHECK_DEVICE=cpu with GPU_CHECK_QUICK=1 dry-runs it on a CPU
-# (a check of the script, not of a GPU).
+# (a check of the script, not of a GPU); GPU_CHECK_DRY=1 only lists the stages' commands.
 set -u
 OUT=${1:-${OUT:-results/bench/gpu_check}}
 DEV=${GPU_CHECK_DEVICE:-cuda}
@@ -29,6 +29,7 @@ stage() {  # stage NAME COMMAND...: runs it, tees its log, records a failure
     local name=$1; shift
     local t0=$SECONDS
     echo "=== $name: $*"
+    if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then return; fi   # only list the commands
     "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
@@ -61,7 +62,7 @@ else   # first the issue's GPU target (DC, ipc 10, CIFAR10 shape), then the rest
 fi
 stage speed python3 benchmarks/bench_speed.py --device "$DEV" "${SPEED[@]}" --out "$OUT/speed_$DEV.json"
 RUN_DIR=${GPU_CHECK_RUN_DIR:-/tmp/gpu_check_run}   # outside OUT_DIR: the device tool returns 8 files at most
-rm -rf "$RUN_DIR/dc_digits"
+[ "${GPU_CHECK_DRY:-0}" = 1 ] || rm -rf "$RUN_DIR/dc_digits"   # this script's own scratch run
 stage condense python3 main.py --dataset digits --method DC --num_exp 1 "${RUN[@]}" \
     --device "$DEV" --save_path "$RUN_DIR" --run_name dc_digits
 

@@ -70,3 +70,37 @@ def test_bench_ops_times_plain_and_fast_layers(tmp_path):
         f"ConvNet {shape} {what}" for shape in ("FashionMNIST", "CIFAR10")
         for what in ("real-data gradient", "inference forward")]
     assert all(row["plain"]["median_s"] > 0 and row["fast"]["median_s"] > 0 for row in rows)
+
+
+def test_gpu_check_script_lists_commands_that_parse(tmp_path):
+    """benchmarks/gpu_check.sh waits for a session with a GPU: its commands must still parse with
+    today's flags (a renamed flag would only show on the GPU machine, its 15 minutes wasted)."""
+    import importlib.util
+    import shlex
+    from dcbs.config import build_parser
+    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(ROOT, "benchmarks", "bench_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for quick in ("0", "1"):
+        env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_QUICK=quick)
+        r = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        cmds = dict(line[4:].split(": ", 1) for line in r.stdout.splitlines() if line.startswith("=== "))
+        assert list(cmds) == ["machine", "tests", "speed", "condense", "speed_more"]
+        tests = shlex.split(cmds["tests"])
+        assert "DCBS_TEST_DEVICE=cuda" in tests
+        assert all(os.path.isfile(os.path.join(ROOT, t)) for t in tests if t.startswith("tests/")), tests
+        plans = {}
+        for name in ("speed", "speed_more"):
+            argv = shlex.split(cmds[name])
+            assert argv[1] == "benchmarks/bench_speed.py"
+            plans[name] = bench.plan(bench.build_parser().parse_args(argv[2:]))
+            assert plans[name] and all(c["device"] == "cuda" for c in plans[name])
+        argv = shlex.split(cmds["condense"])
+        assert argv[1] == "main.py"
+        assert build_parser().parse_args(argv[2:]).device == "cuda"
+        if quick == "0":   # the issue's GPU target comes first: DC at ipc 10 on CIFAR10-shaped data
+            assert {(c["method"], c["shape"], c["ipc"]) for c in plans["speed"]} == {("DC", "CIFAR10", 10)}
+            assert {bench.path_of(c) for c in plans["speed"]} >= {"loop/plain", "batched/fast"}
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())   # a dry run writes nothing
