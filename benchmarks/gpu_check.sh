@@ -13,7 +13,7 @@
 # 4. a short condensation run on the embedded digits data (DC, ipc 10, 20 iterations, 5 models),
 #    timed as a user would run it;
 # 5. as time allows, bench_speed.py for DC and DM at ipc 1 and 50, the evaluation and test pass.
-# Every stage writes its log to OUT_DIR (five files in all; the run itself goes to
+# Every stage writes its log to OUT_DIR (seven files in all; the run itself goes to
 # GPU_CHECK_RUN_DIR, default /tmp/gpu_check_run) and the script goes on after a failed stage; the
 # last line says which stages failed. With the device tool: run(command="bash benchmarks/gpu_check.sh
 # $OUT", timeout_s=600). GPU_CHECK_DEVICE=cpu with GPU_CHECK_QUICK=1 dry-runs it on a CPU
