@@ -22,6 +22,7 @@ set -u
 OUT=${1:-${OUT:-results/bench/gpu_check}}
 DEV=${GPU_CHECK_DEVICE:-cuda}
 QUICK=${GPU_CHECK_QUICK:-0}
+DRY=${GPU_CHECK_DRY:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DCBS_NO_DOWNLOAD=1
 failed=()
@@ -29,7 +30,7 @@ stage() {  # stage NAME COMMAND...: runs it, tees its log, records a failure
     local name=$1; shift
     local t0=$SECONDS
     echo "=== $name: $*"
-    if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then return; fi   # only list the commands
+    if [ "$DRY" = 1 ]; then return; fi   # only list the commands
     "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - t0)) s"
@@ -62,7 +63,7 @@ else   # first the issue's GPU target (DC, ipc 10, CIFAR10 shape), then the rest
 fi
 stage speed python3 benchmarks/bench_speed.py --device "$DEV" "${SPEED[@]}" --out "$OUT/speed_$DEV.json"
 RUN_DIR=${GPU_CHECK_RUN_DIR:-/tmp/gpu_check_run}   # outside OUT_DIR: the device tool returns 8 files at most
-[ "${GPU_CHECK_DRY:-0}" = 1 ] || rm -rf "$RUN_DIR/dc_digits"   # this script's own scratch run
+[ "$DRY" = 1 ] || rm -rf "$RUN_DIR/dc_digits"   # this script's own scratch run
 stage condense python3 main.py --dataset digits --method DC --num_exp 1 "${RUN[@]}" \
     --device "$DEV" --save_path "$RUN_DIR" --run_name dc_digits
 

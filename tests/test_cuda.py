@@ -17,20 +17,23 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
-from dcbs.evaluate import EvalSettings, train_and_test, train_and_test_batched
+from dcbs.cli import pick_device
+from dcbs.config import ConfigError
 from dcbs.samplers import ClassSampler
-from dcbs.seeding import generator, seeded
 from networks import AvgPool2x2, build_model
 from test_batch_sampling import chunks, write_clusters
+from test_evaluate import alone_and_together
 from test_kernels import _step, assert_same_update
 
 DEVICE = os.environ.get("DCBS_TEST_DEVICE", "cuda")
 
 
 def _available(name: str) -> bool:
-    if name == "cpu":
+    try:
+        pick_device(name)              # the scripts' own rule for --device
         return True
-    return name.startswith("cuda") and torch.cuda.is_available()
+    except ConfigError:
+        return False
 
 
 pytestmark = pytest.mark.skipif(not _available(DEVICE), reason=f"device {DEVICE!r} not available "
@@ -88,19 +91,7 @@ def test_batched_kernel_on_the_device_makes_the_loops_update(digits, method):
 
 
 def test_models_trained_together_on_the_device_end_as_trained_alone():
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(20, 1, 28, 28, generator=g), torch.arange(10).repeat(2)
-    xt, yt = torch.randn(60, 1, 28, 28, generator=g), torch.randint(0, 10, (60,), generator=g)
-    x, y, xt, yt = (t.to(DEVICE) for t in (x, y, xt, yt))
-    s = EvalSettings(epochs=5, lr=0.01, batch_train=8, dsa_strategy="color_crop_cutout_scale_rotate", dc_aug=None)
-
-    def model(i):
-        with seeded(0, "m", i):
-            return build_model("ConvNetW32", 1, 10, (28, 28)).to(DEVICE)
-
-    alone = [train_and_test(model(i), x, y, xt, yt, s, generator(0, "g", i)) for i in range(3)]
-    params, _, acc_test = train_and_test_batched([model(i) for i in range(3)], x, y, xt, yt, s,
-                                                 [generator(0, "g", i) for i in range(3)])
+    _, alone, (params, _, acc_test) = alone_and_together("color_crop_cutout_scale_rotate", DEVICE)
     for i, (net, _, acc) in enumerate(alone):
         assert abs(acc_test[i] - acc) <= 1 / 60 + 1e-9     # at most one test image on a rounding tie
         for k, v in net.state_dict().items():

@@ -73,22 +73,30 @@ def test_seed_signature_evaluate_synset_with_dataloader():
     assert 0.0 <= acc_test <= 1.0 and args.epoch_eval_train == 2  # args is not modified
 
 
-@pytest.mark.parametrize("dsa", ["none", "color_crop_cutout_scale_rotate"])
-def test_batched_models_equal_models_trained_alone(dsa):
+def alone_and_together(dsa, device="cpu"):
+    """Three ConvNetW32 trained one by one (train_and_test) and together (train_and_test_batched),
+    same seeds: (model(i) builder, [(net, acc_train, acc_test)] alone, (params, acc_train, acc_test))."""
     from dcbs.evaluate import train_and_test_batched
     from dcbs.seeding import generator, seeded
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(20, 1, 28, 28, generator=g), torch.arange(10).repeat(2)
     xt, yt = torch.randn(60, 1, 28, 28, generator=g), torch.randint(0, 10, (60,), generator=g)
+    x, y, xt, yt = (t.to(device) for t in (x, y, xt, yt))
     s = EvalSettings(epochs=5, lr=0.01, batch_train=8, dsa_strategy=dsa, dc_aug=None)
 
     def model(i):
         with seeded(0, "m", i):
-            return build_model("ConvNetW32", 1, 10, (28, 28))
+            return build_model("ConvNetW32", 1, 10, (28, 28)).to(device)
 
     alone = [train_and_test(model(i), x, y, xt, yt, s, generator(0, "g", i)) for i in range(3)]
-    params, acc_train, acc_test = train_and_test_batched([model(i) for i in range(3)], x, y, xt, yt, s,
-                                                         [generator(0, "g", i) for i in range(3)])
+    together = train_and_test_batched([model(i) for i in range(3)], x, y, xt, yt, s,
+                                      [generator(0, "g", i) for i in range(3)])
+    return model, alone, together
+
+
+@pytest.mark.parametrize("dsa", ["none", "color_crop_cutout_scale_rotate"])
+def test_batched_models_equal_models_trained_alone(dsa):
+    model, alone, (params, acc_train, acc_test) = alone_and_together(dsa)
     assert acc_test == [a[2] for a in alone] and acc_train == [a[1] for a in alone]
     for i, (net, _, _) in enumerate(alone):
         for k, v in net.state_dict().items():
