@@ -229,7 +229,7 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str):
     return dm_iteration if method == "DM" else gm_iteration
 
 
-def ours_evaluation(kind: str, data, device):
+def ours_evaluation(kind: str, data, device, compile_test: bool = False):
     """One evaluation of ours: ``EVAL`` trains a fresh ConvNet on a 10-image set by the protocol (300
     epochs, no augmentation for FashionMNIST, as ``eval_settings_for`` says) and tests it on the
     10,000 test images; ``TEST`` is the test pass alone (``test_accuracy``) of one network."""
@@ -239,9 +239,9 @@ def ours_evaluation(kind: str, data, device):
 
     if kind == "TEST":
         net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
-        return lambda: test_accuracy(net, data.images_test, data.labels_test)
+        return lambda: test_accuracy(net, data.images_test, data.labels_test, compiled=compile_test)
     x, y = data.images_train[:: data.images_train.shape[0] // 10][:10], torch.arange(10, device=device)
-    s = eval_settings_for("ConvNet", SHAPE, "ConvNet", IPC, "none", 0.01, 256, None)
+    s = eval_settings_for("ConvNet", SHAPE, "ConvNet", IPC, "none", 0.01, 256, None, compile_test)
     state = {"i": 0}
 
     def one_eval():
@@ -304,10 +304,12 @@ def print_table(rows, ceiling, threads, repeats):
     print(head)
     print("-" * len(head))
     for r in rows:
-        for side in ("ours", "reference"):
+        for side in [k for k in ("ours", "ours_compiled", "reference") if k in r]:
             s = r[side]
-            ratio = f"{r['ratio']:>9.2f}{1 / r['ratio']:>8.2f}x" if side == "ours" else ""
-            print(f"{r['method']:<7}{side:<10}{s['median_s']:>9.3f} {s['min_s']:>7.2f}-{s['max_s']:<7.2f}"
+            q = r.get({"ours": "ratio", "ours_compiled": "ratio_compiled"}.get(side, ""))
+            ratio = f"{q:>9.2f}{1 / q:>8.2f}x" if q else ""
+            name = "compiled" if side == "ours_compiled" else side
+            print(f"{r['method']:<7}{name:<10}{s['median_s']:>9.3f} {s['min_s']:>7.2f}-{s['max_s']:<7.2f}"
                   f"{s['gflop']:>8.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{ratio}")
 
 
@@ -350,6 +352,9 @@ def main(argv=None):
                    help="DSA transforms of the DSA and DM iterations, both sides")
     p.add_argument("--ops", choices=["fast", "plain"], default="fast",
                    help="our side's layers: fast (the scripts' default) or plain (torch's, as the reference)")
+    p.add_argument("--compile_test", action="store_true",
+                   help="TEST and EVAL: also time ours with the test pass through torch.compile (the scripts' "
+                        "--compile_test), interleaved as a third side")
     p.add_argument("--profile", action="store_true", help="also profile one iteration of each side")
     p.add_argument("--out", default=os.path.join("results", "bench", "reference.json"))
     args = p.parse_args(argv)
@@ -382,13 +387,16 @@ def main(argv=None):
     t0 = time.time()
     ceiling = ceiling_gflops("cpu")
     data = _data(SHAPE, device)
-    print(f"reference: {ref.__file__}; ours with --ops {args.ops}; {torch.get_num_threads()} threads; "
+    print(f"reference: {ref.__file__}; ours with --ops {args.ops}"
+          f"{' (and with the compiled test pass)' if args.compile_test else ''}; {torch.get_num_threads()} threads; "
           f"ceiling {ceiling:.0f} GFLOP/s", flush=True)
 
     rows, profiles = [], {}
     for method in args.methods:
         if method in ("TEST", "EVAL"):
             fns = {"ours": ours_evaluation(method, data, device), "reference": reference_evaluation(ref, method, data)}
+            if args.compile_test:
+                fns["ours_compiled"] = ours_evaluation(method, data, device, compile_test=True)
         else:
             fns = {"ours": ours_iteration(method, data, device, args.dsa_strategy),
                    "reference": reference_iteration(ref, method, data, args.dsa_strategy)}
@@ -398,16 +406,21 @@ def main(argv=None):
                "dsa_strategy": args.dsa_strategy if method in ("DSA", "DM") else "none",
                **{k: summary(times[k], flops[k], ceiling) for k in fns}}
         row["ratio"] = row["ours"]["median_s"] / row["reference"]["median_s"]
+        if "ours_compiled" in row:
+            row["ratio_compiled"] = row["ours_compiled"]["median_s"] / row["reference"]["median_s"]
         rows.append(row)
         print(f"{method}: ours {row['ours']['median_s']:.3f} s, reference {row['reference']['median_s']:.3f} s "
-              f"(ours/reference {row['ratio']:.2f})", flush=True)
+              f"(ours/reference {row['ratio']:.2f})"
+              + (f"; compiled {row['ours_compiled']['median_s']:.3f} s ({row['ratio_compiled']:.2f})"
+                 if "ours_compiled" in row else ""), flush=True)
         if args.profile:
             profiles[method] = {k: top_ops(fn) for k, fn in fns.items()}
 
     print_table(rows, ceiling, torch.get_num_threads(), args.repeats)
     for method, prof in profiles.items():
         print_profile(method, prof)
-    write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, threads=torch.get_num_threads(),
+    write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, compile_test=args.compile_test,
+                 threads=torch.get_num_threads(),
                  repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=ceiling, reference_dir=ref_dir,
                  reference_revision=git_revision(ref_dir), argv=sys.argv[1:] if argv is None else list(argv))
     return 0

@@ -19,7 +19,7 @@ from .clusters import ClusterFileError
 from .condense import Condenser, Interrupted, NonFiniteError
 from .config import ConfigError, build_parser, resolve
 from .data import DataError, load_data
-from .evaluate import eval_settings_for, get_eval_pool
+from .evaluate import check_compile, eval_settings_for, get_eval_pool
 from .io import FileFormatError, file_sha256, safe_load
 from .rundir import RunDir, RunDirError, git_revision, setup_logging
 from .samplers import ClassSampler, ClusterSampler
@@ -29,8 +29,8 @@ log = logging.getLogger("dcbs")
 
 # settings that may differ on --resume without changing the result
 RESUME_FREE = {"device", "num_threads", "ckpt_every", "resume", "save_path", "explicit", "run_name"}
-# eval_batch and ops change results only by floating-point rounding, so they may change on resume too
-RESUME_FREE |= {"eval_batch", "ops"}
+# eval_batch, ops and compile_test change results only by floating-point rounding, so they may change on resume too
+RESUME_FREE |= {"eval_batch", "ops", "compile_test"}
 ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted, ClusterFileError)
 
 
@@ -144,6 +144,8 @@ def _main(ns, batch_sampling) -> int:
         torch.set_num_threads(cfg.num_threads)
     set_ops(getattr(cfg, "ops", "fast"))  # runs saved before --ops existed resume with the default
     device = pick_device(cfg.device)
+    if getattr(cfg, "compile_test", False):
+        check_compile(device)  # fail now, not at the first evaluation hours in
     if getattr(cfg, "load_syn", None):
         return evaluate_saved(cfg, device)
 

@@ -259,6 +259,7 @@ class Condenser:
         self.diagnostics: list[dict] = []
         self.data_save: list = []
         self.stop_requested = False
+        self._warned_compile = False
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame):
@@ -272,7 +273,7 @@ class Condenser:
     def eval_settings(self, arch):
         c = self.cfg
         return eval_settings_for(arch, c.dataset, c.model, c.ipc, c.dsa_strategy, c.lr_net, c.batch_train,
-                                 c.epoch_eval_train)
+                                 c.epoch_eval_train, getattr(c, "compile_test", False))  # absent in older runs
 
     def evaluate(self, images, labels, exp: int, it: int) -> dict | None:
         """Trains num_eval models of every evaluation architecture; None if interrupted."""
@@ -283,6 +284,10 @@ class Condenser:
             s = self.eval_settings(arch)
             accs, t0 = [], time.time()
             group = auto_eval_batch(getattr(c, "eval_batch", None), self.device, c.num_eval)
+            if s.compile_test and group > 1 and not self._warned_compile:
+                self._warned_compile = True
+                log.warning("--compile_test applies to models trained one by one; %d are trained together "
+                            "here (vmap, its own test pass): add --eval_batch 1 to compile the test pass", group)
             bar = tqdm(total=c.num_eval, desc=f"eval {arch} it {it}", leave=False, disable=None)
             for start in range(0, c.num_eval, group):
                 ids = range(start, min(start + group, c.num_eval))

@@ -27,7 +27,7 @@ DEFAULTS = dict(
     epoch_eval_train=None, Iteration=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
     init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
     seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
-    kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None,
+    kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None, compile_test=False,
 )
 # Batch Sampling (main_BS.py only)
 BS_DEFAULTS = dict(
@@ -76,6 +76,10 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
     a("--eval_batch", type=int, help="evaluation models trained together with torch.func.vmap (default: all "
                                      "--num_eval at once on CUDA, one by one on the CPU, where vmap measured slower); "
                                      "models with BatchNorm are always trained one by one")
+    a("--compile_test", action="store_true", default=None,
+      help="run the evaluation's test pass through torch.compile (opt-in: 5-15 s of compilation once per "
+           "process and architecture, then ~1.15x on the 2-core CPU; needs a C++ compiler on the CPU, triton "
+           "on CUDA; models trained one by one only, see --eval_batch; same accuracies up to rounding)")
     a("--epoch_eval_train", type=int, help="evaluation epochs (default 300; 1000 when evaluation augments)")
     a("--Iteration", type=int, help="condensation iterations (default 1000; DM 20000)")
     a("--lr_img", type=float, help="learning rate of the synthetic images (default 0.1; DM 1.0)")

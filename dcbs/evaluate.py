@@ -14,11 +14,12 @@ import torch
 import torch.nn as nn
 
 from networks import build_model
+from .config import ConfigError
 from .augment import DiffAugment, ParamDiffAug, augment, get_daparam
 from .seeding import derive_seed, seeded
 
 __all__ = ["EvalSettings", "epoch", "evaluate_synset", "train_and_test", "test_accuracy",
-           "minibatches", "get_eval_pool", "eval_settings_for", "build_eval_model"]
+           "minibatches", "get_eval_pool", "check_compile", "compiled_forward", "eval_settings_for", "build_eval_model"]
 
 EVAL_POOLS = {
     "M": ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"],
@@ -49,6 +50,7 @@ class EvalSettings:
     batch_train: int
     dsa_strategy: str          # 'none' unless DSA augmentation is used in evaluation
     dc_aug: dict | None        # DC augmentation parameters (get_daparam) or None
+    compile_test: bool = False  # test pass through torch.compile (--compile_test)
 
     @property
     def augmented(self) -> bool:
@@ -56,7 +58,8 @@ class EvalSettings:
 
 
 def eval_settings_for(model_eval: str, dataset: str, model: str, ipc: int, dsa_strategy: str,
-                      lr_net: float, batch_train: int, epoch_eval_train: int | None) -> EvalSettings:
+                      lr_net: float, batch_train: int, epoch_eval_train: int | None,
+                      compile_test: bool = False) -> EvalSettings:
     """The protocol's evaluation settings for one architecture.
 
     DSA strategy 'none' -> DC augmentation from ``get_daparam`` (MNIST, ConvNetBN);
@@ -65,7 +68,7 @@ def eval_settings_for(model_eval: str, dataset: str, model: str, ipc: int, dsa_s
     dc_aug = None if dsa_strategy != "none" else get_daparam(dataset, model, model_eval, ipc)
     s = EvalSettings(0, lr_net, batch_train, dsa_strategy, dc_aug)
     epochs = epoch_eval_train if epoch_eval_train is not None else (1000 if s.augmented else 300)
-    return EvalSettings(epochs, lr_net, batch_train, dsa_strategy, dc_aug)
+    return EvalSettings(epochs, lr_net, batch_train, dsa_strategy, dc_aug, bool(compile_test))
 
 
 def build_eval_model(name, channel, num_classes, im_size, seed: int, *purpose):
@@ -123,17 +126,52 @@ def epoch(mode, batches, net, optimizer, criterion, aug=None):
     return float(loss_sum) / count, float(correct) / count
 
 
+def compiled_forward(net: nn.Module):
+    """``net`` under ``torch.compile`` for gradient-free passes (``--compile_test``).
+
+    Static shapes: a test set makes two batch shapes (256 and the remainder), each compiled
+    once per process and architecture; later models of the same architecture reuse the code
+    (0.2 s instead of 5-15 s on the 2-core CPU). Inductor needs a C++ compiler on the CPU and
+    triton on CUDA (``check_compile`` says so before a run starts)."""
+    return torch.compile(net, dynamic=False)
+
+
+def _compile_failed(e: Exception) -> ConfigError:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]  # one line, no hints
+    return ConfigError(f"--compile_test: torch.compile failed ({type(e).__name__}: {first}). "
+                       "It needs a C++ compiler on the CPU and triton on CUDA: install them, or run without "
+                       "--compile_test (a stopped run resumes without it)")
+
+
+def check_compile(device) -> None:
+    """Compiles and runs a tiny convolution block on ``device``; ConfigError if torch.compile cannot."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GroupNorm(2, 2), nn.ReLU()).to(device).eval()
+    try:
+        with torch.inference_mode():
+            compiled_forward(net)(torch.zeros(1, 1, 4, 4, device=device))
+    except Exception as e:  # inductor raises many kinds (BackendCompilerFailed, CalledProcessError, ...)
+        raise _compile_failed(e) from e
+
+
 @torch.inference_mode()
-def test_accuracy(net, images, labels, batch_size: int = 256) -> float:
+def test_accuracy(net, images, labels, batch_size: int = 256, compiled: bool = False) -> float:
     """Accuracy on a whole test set, eval mode, no augmentation.
 
-    Batches of 256 (the reference's): on the 2-core CPU batches of 1024 were about 1.5x
-    slower in an ad-hoc check (the larger activation maps fall out of cache); the test pass
-    is timed in ``benchmarks/bench_speed.py``."""
+    Batches of 256 (the reference's; on the 2-core CPU 16-256 measured the same). ``compiled``
+    runs the forward through ``torch.compile`` (same predictions up to rounding; the norm,
+    activation and pooling fuse into one pass per block); the test pass is timed in
+    ``benchmarks/bench_reference.py`` and ``benchmarks/bench_speed.py``."""
     net.eval()
+    fwd = compiled_forward(net) if compiled else net
     correct = None
     for img, lab in minibatches(images, labels, batch_size):
-        c = (net(img)[0].argmax(1) == lab).sum()
+        try:
+            out = fwd(img)[0]
+        except Exception as e:
+            if not compiled:
+                raise
+            raise _compile_failed(e) from e
+        c = (out.argmax(1) == lab).sum()
         correct = c if correct is None else correct + c
     return float(correct) / images.shape[0]
 
@@ -154,7 +192,7 @@ def train_and_test(net, images_train, labels_train, images_test, labels_test, se
         if ep == settings.epochs // 2 + 1:
             lr *= 0.1
             opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=0.0005)
-    acc_test = test_accuracy(net, images_test, labels_test)
+    acc_test = test_accuracy(net, images_test, labels_test, compiled=settings.compile_test)
     return net, acc_train, acc_test
 
 

@@ -3,6 +3,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -114,3 +115,25 @@ def test_load_syn_evaluates_a_saved_set(tmp_path):
     # the per-architecture line is logged (it once failed to format the iteration "loaded")
     assert "Logging error" not in r.stderr
     assert "it loaded: ConvNet 3 epochs" in open(tmp_path / "ev" / "log.txt").read()
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler")
+def test_compile_test_gives_the_same_accuracies_and_fails_early_without_a_compiler(tmp_path):
+    accs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile_test"])):
+        r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", name, "--num_eval", 2,
+                    "--Iteration", 1, *extra)
+        assert r.returncode == 0, r.stderr
+        accs[name] = json.load(open(tmp_path / name / "accuracies.json"))
+        assert json.load(open(tmp_path / name / "config.json"))["compile_test"] is bool(extra)
+    n_test = 540  # digits' test split: one image is 1/540 of accuracy
+    flat = {k: [a for it in v["0"].values() for a in it["ConvNet"]] for k, v in accs.items()}
+    assert len(flat["eager"]) == 4 and flat["eager"] == pytest.approx(flat["compiled"], abs=1.5 / n_test)
+    # no working compiler: one error line before anything is written (fresh inductor cache, so none is reused)
+    before = tree_hash(tmp_path)
+    r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "nocxx", "--compile_test",
+                env={"CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path.parent / "ind")})
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "--compile_test" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert tree_hash(tmp_path) == before and not (tmp_path / "nocxx").exists()

@@ -1,7 +1,10 @@
+import shutil
+
 import pytest
 import torch
 
 import dcbs.evaluate as ev
+from dcbs.config import ConfigError
 from dcbs.evaluate import EvalSettings, eval_settings_for, evaluate_synset, get_eval_pool, train_and_test
 from networks import build_model
 
@@ -136,3 +139,46 @@ def test_eval_batch_default_is_all_models_on_cuda_and_one_on_the_cpu():
     assert auto_eval_batch(None, "cuda", 20) == 20 and auto_eval_batch(None, "cuda:1", 10) == 10
     assert auto_eval_batch(None, "cpu", 20) == 1
     assert auto_eval_batch(4, "cpu", 20) == 4 and auto_eval_batch(4, "cuda", 20) == 4
+
+
+needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                               reason="torch.compile on the CPU needs a C++ compiler")
+
+
+@needs_cxx
+def test_compiled_test_pass_gives_the_eager_logits_and_accuracy(monkeypatch):
+    """--compile_test: the compiled forward is used and predicts what the eager one does."""
+    torch.manual_seed(0)
+    net = build_model("ConvNetW32", 1, 10, (28, 28)).eval()
+    x = torch.randn(300, 1, 28, 28)  # a batch of 256 and a remainder of 44: both shapes a test set makes
+    with torch.inference_mode():
+        eager = net(x)[0]
+        compiled = ev.compiled_forward(net)(x[:256])[0]
+    assert torch.allclose(compiled, eager[:256], rtol=1e-4, atol=1e-5)
+    y = eager.argmax(1)
+    y[::3] = (y[::3] + 1) % 10  # a third wrong: accuracy 2/3 either way
+    calls = []
+    real = ev.compiled_forward
+    monkeypatch.setattr(ev, "compiled_forward", lambda n: calls.append(n) or real(n))
+    assert ev.test_accuracy(net, x, y) == pytest.approx(2 / 3) and calls == []
+    assert ev.test_accuracy(net, x, y, compiled=True) == pytest.approx(2 / 3) and calls == [net]
+    # the setting reaches the test pass of a whole evaluation
+    s = eval_settings_for("ConvNetW32", "MNIST", "ConvNet", 1, "none", 0.01, 8, 1, compile_test=True)
+    plain = eval_settings_for("ConvNetW32", "MNIST", "ConvNet", 1, "none", 0.01, 8, 1)
+    assert s.compile_test and not plain.compile_test
+    train_and_test(net, x[:10], y[:10], x, y, s, torch.Generator().manual_seed(0))
+    assert calls == [net, net]
+
+
+def test_compile_failure_is_a_config_error_that_names_the_flag(monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 ...")
+    monkeypatch.setattr(ev.torch, "compile", lambda *a, **kw: broken)
+    with pytest.raises(ConfigError, match=r"--compile_test: torch.compile failed \(RuntimeError: InvalidCxx") as e:
+        ev.check_compile("cpu")
+    assert "\n" not in str(e.value) and "without --compile_test" in str(e.value)
+    net = build_model("ConvNetW32", 1, 10, (28, 28))
+    x, y = torch.randn(4, 1, 28, 28), torch.arange(4)
+    with pytest.raises(ConfigError, match="--compile_test"):
+        ev.test_accuracy(net, x, y, compiled=True)
+    assert ev.test_accuracy(net, x, y) >= 0.0  # the eager pass does not touch torch.compile
