@@ -12,7 +12,9 @@ and Batch Sampling along several *paths*, and the per-model evaluation cost
 * ``batched/fast`` - all classes in one vmapped pass (``--kernel batched``).
 
 For the test pass ``loop`` is the reference's loop (batches of 256 under
-``no_grad``) and ``batched`` our ``test_accuracy``.
+``no_grad``) and ``batched`` our ``test_accuracy``; with ``--compile_test`` a
+``compiled/fast`` test pass (``test_accuracy`` through ``torch.compile``, the scripts'
+``--compile_test``; its compilation is in the untimed warm-up) is timed beside them.
 
 Cases run one after another; on a machine whose speed drifts (the shared 2-core VM
 here: its matmul ceiling read 146, 119 and 131 GFLOP/s within 20 minutes) that order
@@ -240,8 +242,10 @@ def _evaluation(case, data, device, repeats):
                     for xb, yb in minibatches(data.images_test, data.labels_test, 256):
                         (net(xb)[0].argmax(1) == yb).sum().item()
         else:
+            compiled = case["kernel"] == "compiled"
+
             def fn():
-                test_accuracy(net, data.images_test, data.labels_test)
+                test_accuracy(net, data.images_test, data.labels_test, compiled=compiled)
         return _timed(fn, device, repeats), _flops(fn)
     dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
     s = eval_settings_for("ConvNet", case["shape"], "ConvNet", ipc, dsa, 0.01, 256, None)
@@ -280,7 +284,8 @@ def plan(args) -> list[dict]:
                 if ipc in args.ipcs and (shape == "FashionMNIST" or args.device != "cpu"):
                     for ops in dict.fromkeys(o for _, o in paths):
                         cases.append(dict(kind="eval", method=method, shape=shape, ipc=ipc, kernel="-", ops=ops))
-            for kernel, ops in paths:
+            test_paths = paths + ([["compiled", "fast"]] if args.compile_test else [])
+            for kernel, ops in test_paths:
                 cases.append(dict(kind="test_pass", method="-", shape=shape, ipc=1, kernel=kernel, ops=ops))
     for c in cases:
         c.update(device=args.device, num_threads=args.num_threads,
@@ -365,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "so that a machine whose speed drifts (a shared VM) slows every path alike")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation cases")
+    p.add_argument("--compile_test", action="store_true",
+                   help="also time the test pass through torch.compile (path compiled/fast; not with --no_eval)")
     p.add_argument("--quick", action="store_true", help="FashionMNIST shape, ipc 1, DC and DM, 1 repeat, no eval")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     p.add_argument("--out", default=os.path.join("results", "bench", "speed.json"))
@@ -386,6 +393,10 @@ def main(argv=None):
             return 2
     if args.rounds < 1 or args.repeats < 1:
         print("error: --rounds and --repeats must be >= 1", file=sys.stderr)
+        return 2
+    if args.compile_test and args.no_eval:
+        print("error: --compile_test times a test pass, which --no_eval (or --quick) skips: drop one of them",
+              file=sys.stderr)
         return 2
     cases = plan(args)
     t0 = time.time()

@@ -58,7 +58,8 @@ if [ "$QUICK" = 1 ]; then
 else   # first the GPU target (DC, ipc 10, CIFAR10 shape), then the rest as time allows
     SPEED=(--shapes CIFAR10 --ipcs 10 --methods DC --paths loop/plain loop/fast batched/fast --repeats 3
            --no_eval --timeout 240)
-    MORE=(--shapes CIFAR10 --ipcs 1 50 --methods DC DM --paths loop/plain batched/fast --repeats 3 --timeout 240)
+    MORE=(--shapes CIFAR10 --ipcs 1 50 --methods DC DM --paths loop/plain batched/fast --repeats 3 --timeout 240
+          --compile_test)
     RUN=(--Iteration 20 --eval_every 20 --num_eval 5 --ipc 10)
 fi
 stage speed python3 benchmarks/bench_speed.py --device "$DEV" "${SPEED[@]}" --out "$OUT/speed_$DEV.json"

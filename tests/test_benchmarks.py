@@ -103,4 +103,20 @@ def test_gpu_check_script_lists_commands_that_parse(tmp_path):
         if quick == "0":   # the GPU target comes first: DC at ipc 10 on CIFAR10-shaped data
             assert {(c["method"], c["shape"], c["ipc"]) for c in plans["speed"]} == {("DC", "CIFAR10", 10)}
             assert {bench.path_of(c) for c in plans["speed"]} >= {"loop/plain", "batched/fast"}
+            assert ("test_pass", "compiled/fast") in {(c["kind"], bench.path_of(c)) for c in plans["speed_more"]}
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())   # a dry run writes nothing
+
+
+def test_bench_speed_compile_test_adds_a_compiled_test_pass_and_needs_the_evaluation():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(ROOT, "benchmarks", "bench_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--shapes", "FashionMNIST", "--ipcs", "2", "--methods", "DM", "--paths", "loop/plain", "loop/fast"]
+    tests = lambda extra: [bench.path_of(c) for c in bench.plan(bench.build_parser().parse_args(argv + extra))
+                           if c["kind"] == "test_pass"]
+    assert tests([]) == ["loop/plain", "loop/fast"]
+    assert tests(["--compile_test"]) == ["loop/plain", "loop/fast", "compiled/fast"]
+    r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", *argv, "--compile_test", "--no_eval"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--compile_test" in r.stderr and "--no_eval" in r.stderr
