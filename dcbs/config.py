@@ -76,10 +76,11 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
     a("--eval_batch", type=int, help="evaluation models trained together with torch.func.vmap (default: all "
                                      "--num_eval at once on CUDA, one by one on the CPU, where vmap measured slower); "
                                      "models with BatchNorm are always trained one by one")
-    a("--compile_test", action="store_true", default=None,
+    a("--compile_test", action=argparse.BooleanOptionalAction, default=None,
       help="run the evaluation's test pass through torch.compile (opt-in: 5-15 s of compilation once per "
            "process and architecture, then ~1.15x on the 2-core CPU; needs a C++ compiler on the CPU, triton "
-           "on CUDA; models trained one by one only, see --eval_batch; same accuracies up to rounding)")
+           "on CUDA; models trained one by one only, see --eval_batch; same accuracies up to rounding; "
+           "--no-compile_test turns it off, e.g. on --resume)")
     a("--epoch_eval_train", type=int, help="evaluation epochs (default 300; 1000 when evaluation augments)")
     a("--Iteration", type=int, help="condensation iterations (default 1000; DM 20000)")
     a("--lr_img", type=float, help="learning rate of the synthetic images (default 0.1; DM 1.0)")

@@ -140,7 +140,7 @@ def _compile_failed(e: Exception) -> ConfigError:
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]  # one line, no hints
     return ConfigError(f"--compile_test: torch.compile failed ({type(e).__name__}: {first}). "
                        "It needs a C++ compiler on the CPU and triton on CUDA: install them, or run without "
-                       "--compile_test (a stopped run resumes without it)")
+                       "--compile_test (a stopped run resumes with --no-compile_test)")
 
 
 def check_compile(device) -> None:

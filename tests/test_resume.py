@@ -151,3 +151,20 @@ def test_invalid_flag_combinations_exit_before_training(tmp_path, script, extra,
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], r.stderr
     assert not any(os.scandir(tmp_path)), "nothing may be written before the checks pass"
+
+
+def test_compile_test_may_be_switched_on_and_off_on_resume(monkeypatch):
+    """--compile_test changes accuracies only by rounding: a resumed run may drop it (e.g. no compiler)."""
+    from types import SimpleNamespace
+    import dcbs.cli as cli
+    from dcbs.config import build_parser, resolve
+    saved = {**vars(resolve(build_parser().parse_args(["--preset", "smoke", "--compile_test"]))),
+             "batch_sampling": False}
+    fake = SimpleNamespace(read_config=lambda: dict(saved))
+    monkeypatch.setattr(cli.RunDir, "open_for_resume", staticmethod(lambda path: fake))
+    for flags, expected in (([], True), (["--no-compile_test"], False), (["--compile_test"], True)):
+        _, cfg = cli.resume_config(build_parser().parse_args(["--resume", "somewhere", *flags]), False)
+        assert cfg["compile_test"] is expected, flags
+    with pytest.raises(cli.ConfigError, match="--ipc 3"):  # a setting that changes the result is still refused
+        cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--no-compile_test", "--ipc", "3"]),
+                          False)
