@@ -78,7 +78,7 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
                                      "models with BatchNorm are always trained one by one")
     a("--compile_test", action=argparse.BooleanOptionalAction, default=None,
       help="run the evaluation's test pass through torch.compile (opt-in: 5-15 s of compilation once per "
-           "process and architecture, then ~1.15x on the 2-core CPU; needs a C++ compiler on the CPU, triton "
+           "process and architecture, then 1.2-1.3x over the eager test pass on the 2-core CPU; needs a C++ compiler on the CPU, triton "
            "on CUDA; models trained one by one only, see --eval_batch; same accuracies up to rounding; "
            "--no-compile_test turns it off, e.g. on --resume)")
     a("--epoch_eval_train", type=int, help="evaluation epochs (default 300; 1000 when evaluation augments)")

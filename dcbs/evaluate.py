@@ -8,6 +8,7 @@ reference), then accuracy on the whole test set without augmentation.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +19,8 @@ from .config import ConfigError
 from .augment import DiffAugment, ParamDiffAug, augment, get_daparam
 from .seeding import derive_seed, seeded
 
-__all__ = ["EvalSettings", "epoch", "evaluate_synset", "train_and_test", "test_accuracy",
-           "minibatches", "get_eval_pool", "check_compile", "compiled_forward", "eval_settings_for", "build_eval_model"]
+__all__ = ["EvalSettings", "epoch", "evaluate_synset", "train_and_test", "test_accuracy", "minibatches",
+           "get_eval_pool", "check_compile", "compiled_forward", "eval_settings_for", "build_eval_model"]
 
 EVAL_POOLS = {
     "M": ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"],
@@ -131,9 +132,18 @@ def compiled_forward(net: nn.Module):
 
     Static shapes: a test set makes two batch shapes (256 and the remainder), each compiled
     once per process and architecture; later models of the same architecture reuse the code
-    (0.2 s instead of 5-15 s on the 2-core CPU). Inductor needs a C++ compiler on the CPU and
+    (0.2 s instead of 5-15 s on the 2-core CPU; ``test_accuracy`` leaves room for 64 variants). Inductor needs a C++ compiler on the CPU and
     triton on CUDA (``check_compile`` says so before a run starts)."""
     return torch.compile(net, dynamic=False)
+
+
+def _room_to_recompile():
+    """torch's recompile limit (8 per forward code) raised to 64 for the compiled test pass: the
+    ConvNet variants of --eval_mode W/D/A/P/N and LeNet/AlexNet/VGG11 share one ``forward``
+    (``_Blocks``) and make two batch shapes each, so with 8 the later ones would run eagerly."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch
+    return cfg.patch(**{name: max(64, getattr(cfg, name))})
 
 
 def _compile_failed(e: Exception) -> ConfigError:
@@ -164,15 +174,16 @@ def test_accuracy(net, images, labels, batch_size: int = 256, compiled: bool = F
     net.eval()
     fwd = compiled_forward(net) if compiled else net
     correct = None
-    for img, lab in minibatches(images, labels, batch_size):
-        try:
-            out = fwd(img)[0]
-        except Exception as e:
-            if not compiled:
-                raise
-            raise _compile_failed(e) from e
-        c = (out.argmax(1) == lab).sum()
-        correct = c if correct is None else correct + c
+    with _room_to_recompile() if compiled else contextlib.nullcontext():
+        for img, lab in minibatches(images, labels, batch_size):
+            try:
+                out = fwd(img)[0]
+            except Exception as e:
+                if not compiled:
+                    raise
+                raise _compile_failed(e) from e
+            c = (out.argmax(1) == lab).sum()
+            correct = c if correct is None else correct + c
     return float(correct) / images.shape[0]
 
 

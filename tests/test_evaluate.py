@@ -182,3 +182,25 @@ def test_compile_failure_is_a_config_error_that_names_the_flag(monkeypatch):
     with pytest.raises(ConfigError, match="--compile_test"):
         ev.test_accuracy(net, x, y, compiled=True)
     assert ev.test_accuracy(net, x, y) >= 0.0  # the eager pass does not touch torch.compile
+
+
+def test_compiled_test_pass_has_room_for_every_convnet_variant(monkeypatch):
+    """The ConvNet variants and LeNet/AlexNet/VGG11 share one forward; with torch's default limit of
+    8 compiled versions per forward the ninth (variant, batch shape) would silently run eagerly."""
+    graphs = []
+
+    def counting(gm, example_inputs):  # a backend that records each compilation and runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(ev, "compiled_forward", lambda net: torch.compile(net, backend=counting, dynamic=False))
+    torch._dynamo.reset()
+    try:
+        names = ["ConvNetW32", "ConvNetW64", "ConvNetD1", "ConvNetD2", "ConvNetNP", "ConvNetMP"]
+        x, y = torch.randn(11, 1, 28, 28), torch.arange(11) % 10
+        for name in names:
+            net = build_model(name, 1, 10, (28, 28))
+            assert ev.test_accuracy(net, x, y, batch_size=8, compiled=True) == ev.test_accuracy(net, x, y)
+        assert len(graphs) == 2 * len(names)  # batches of 8 and 3 for each: none fell back to eager
+    finally:
+        torch._dynamo.reset()
