@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("DCBS_NO_DOWNLOAD", "1")
 torch.set_num_threads(1)
+
+
+# torch.compile (--compile_test) on the CPU: inductor builds C++ kernels
+needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                               reason="torch.compile on the CPU needs a C++ compiler")
 
 
 def run_cli(script, *args, timeout=600, env=None):

@@ -8,6 +8,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_bench_speed():
+    """benchmarks/bench_speed.py as a module (benchmarks/ is not a package), for its plan and parser."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(ROOT, "benchmarks", "bench_speed.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_bench_eval_writes_per_model_times_and_the_paths_agree(tmp_path):
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "benchmarks/bench_eval.py", "--ipcs", "1", "--models", "2", "--epochs", "1",
@@ -75,12 +84,9 @@ def test_bench_ops_times_plain_and_fast_layers(tmp_path):
 def test_gpu_check_script_lists_commands_that_parse(tmp_path):
     """benchmarks/gpu_check.sh waits for a session with a GPU: its commands must still parse with
     today's flags (a renamed flag would only show on the GPU machine, its 15 minutes wasted)."""
-    import importlib.util
     import shlex
     from dcbs.config import build_parser
-    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(ROOT, "benchmarks", "bench_speed.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_speed()
     for quick in ("0", "1"):
         env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_QUICK=quick)
         r = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
@@ -108,10 +114,7 @@ def test_gpu_check_script_lists_commands_that_parse(tmp_path):
 
 
 def test_bench_speed_compile_test_adds_a_compiled_test_pass_and_needs_the_evaluation():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(ROOT, "benchmarks", "bench_speed.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_speed()
     argv = ["--shapes", "FashionMNIST", "--ipcs", "2", "--methods", "DM", "--paths", "loop/plain", "loop/fast"]
     tests = lambda extra: [bench.path_of(c) for c in bench.plan(bench.build_parser().parse_args(argv + extra))
                            if c["kind"] == "test_pass"]

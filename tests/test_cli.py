@@ -3,12 +3,11 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import needs_cxx, run_cli
 
 OUTPUTS = ["config.json", "log.txt", "syn_exp0.pt", "accuracies.json", "diagnostics.csv", "DONE",
            "grid_exp0_it0.png", "grid_exp0_it2.png"]
@@ -117,7 +116,7 @@ def test_load_syn_evaluates_a_saved_set(tmp_path):
     assert "it loaded: ConvNet 3 epochs" in open(tmp_path / "ev" / "log.txt").read()
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler")
+@needs_cxx
 def test_compile_test_gives_the_same_accuracies_and_fails_early_without_a_compiler(tmp_path):
     accs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile_test"])):

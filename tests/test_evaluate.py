@@ -1,11 +1,10 @@
-import shutil
-
 import pytest
 import torch
 
 import dcbs.evaluate as ev
 from dcbs.config import ConfigError
 from dcbs.evaluate import EvalSettings, eval_settings_for, evaluate_synset, get_eval_pool, train_and_test
+from conftest import needs_cxx
 from networks import build_model
 
 
@@ -139,10 +138,6 @@ def test_eval_batch_default_is_all_models_on_cuda_and_one_on_the_cpu():
     assert auto_eval_batch(None, "cuda", 20) == 20 and auto_eval_batch(None, "cuda:1", 10) == 10
     assert auto_eval_batch(None, "cpu", 20) == 1
     assert auto_eval_batch(4, "cpu", 20) == 4 and auto_eval_batch(4, "cuda", 20) == 4
-
-
-needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
-                               reason="torch.compile on the CPU needs a C++ compiler")
 
 
 @needs_cxx
