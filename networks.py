@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ConvNet", "MLP", "LeNet", "AlexNet", "VGG11", "ResNet18", "MODELS", "AvgPool2x2", "OPS",
+__all__ = ["ConvNet", "MLP", "LeNet", "AlexNet", "VGG11", "ResNet18", "MODELS", "AvgPool2x2", "ConvBlock", "OPS", "conv_instance_norm",
            "build_model", "model_names", "num_feature_layers", "ops", "set_ops"]
 
 # How layers with a faster equivalent are computed: "fast" (default) or "plain" (torch's own
@@ -121,6 +121,82 @@ class AvgPool2x2(nn.Module):
         return f"kernel_size=2, stride=2, fast={self.fast}"
 
 
+# The first convolution has few input channels (K = 9 or 27 taps per output value), so it is
+# cheap in FLOPs but writes the largest map of the network; above this many taps the per-sample
+# covariance costs as much as the convolution itself and the fusion is not used.
+_FUSE_MAX_TAPS = 27
+
+
+def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | None = None):
+    """``act(norm(conv(x)))`` for an instance norm (one group per channel), as one matmul per sample.
+
+    The convolution is linear in the input patches ``p`` (im2col, [K, L] per sample), so the
+    normalised output of channel c is ``gamma_c (w_c . (p - m)) / sqrt(w_c' S w_c + eps) + beta_c``
+    with the patches' per-sample mean ``m`` and biased covariance ``S`` (K x K): the convolution's
+    bias cancels, and the mean and variance of every output channel come from S instead of a pass
+    over the output map. What is left is one [C, K+1] x [K+1, L] matmul per sample that writes the
+    normalised map once (the +1 row carries beta), and its backward reads the output gradient once.
+    The plain layers need a convolution, a group norm forward (two passes over the map) and their
+    backward passes (the group norm's reads the map and its gradient twice more).
+
+    Exact up to rounding (float64: 1e-15 relative; tests/test_fast_ops.py). The bias enters as
+    ``b - b``, so its gradient is an exact zero rather than the rounding noise (~1e-8) the plain
+    layers give it, and ``autograd.grad`` over all parameters still finds it in the graph. Made of
+    differentiable ops: double backward and ``torch.func`` transforms go through it. Stride 1,
+    zero padding, no dilation or groups (``_fusable`` checks); ``act`` must be elementwise.
+    """
+    n = x.shape[0]
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    ho, wo = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
+    patches = F.unfold(x, (kh, kw), padding=(ph, pw))                       # [n, K, L]
+    centred = patches - patches.mean(-1, keepdim=True)
+    cov = centred @ centred.transpose(1, 2) / centred.shape[-1]             # [n, K, K]
+    w = conv.weight.flatten(1)                                              # [C, K]
+    var = ((w @ cov) * w).sum(-1)                                           # [n, C]
+    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    shift = norm.bias if conv.bias is None else norm.bias + (conv.bias - conv.bias)
+    lhs = torch.cat([scale.unsqueeze(-1) * w, shift.expand(n, -1).unsqueeze(-1)], dim=-1)
+    rhs = torch.cat([centred, centred.new_ones(n, 1, centred.shape[-1])], dim=1)
+    z = lhs @ rhs                                                            # [n, C, L]
+    if act is not None:
+        z = act(z)            # in place is fine: a fresh tensor, not a view (matmul's backward keeps no output)
+    return z.view(n, -1, ho, wo)
+
+
+def _fusable(conv: nn.Module, norm: nn.Module | None) -> bool:
+    return (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.GroupNorm) and norm.affine
+            and norm.num_groups == norm.num_channels == conv.out_channels
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= _FUSE_MAX_TAPS)
+
+
+class ConvBlock(nn.Sequential):
+    """conv -> [norm] -> act -> [pool], as ``nn.Sequential`` (same state-dict keys).
+
+    With ``fuse`` (the fast layers' first ConvNet block) and a CPU input, conv, instance norm
+    and act run as ``conv_instance_norm``. Measured on the 2-core EPYC (2 threads, batch 256,
+    interleaved rounds, medians): a whole ConvNet real-data gradient 5-15 % faster on the
+    FashionMNIST shape and 4-24 % on the CIFAR shape. Elsewhere (other devices, not measured
+    there yet) it runs the layers in order.
+    """
+
+    def __init__(self, *layers: nn.Module, fuse: bool = False):
+        super().__init__(*layers)
+        self.fuse = bool(fuse) and len(layers) >= 3 and _fusable(layers[0], layers[1])
+
+    def forward(self, x):
+        if not (self.fuse and x.device.type == "cpu" and x.dim() == 4):
+            return super().forward(x)
+        x = conv_instance_norm(x, self[0], self[1], self[2])
+        for layer in list(self)[3:]:
+            x = layer(x)
+        return x
+
+    def extra_repr(self):
+        return "fuse=True" if self.fuse else ""
+
+
 def _pool(name: str) -> nn.Module | None:
     pools = {"avgpooling": AvgPool2x2, "maxpooling": lambda: nn.MaxPool2d(2, 2),
              "none": lambda: None}
@@ -182,7 +258,7 @@ class ConvNet(_Blocks):
             if pool is not None:
                 layers.append(pool)
                 h, w = h // 2, w // 2
-            blocks.append(nn.Sequential(*layers))
+            blocks.append(ConvBlock(*layers, fuse=_ops == "fast" and d == 0))
             in_ch = net_width
         self.blocks = nn.ModuleList(blocks)
         self.feature_dim = net_width * h * w

@@ -6,7 +6,7 @@ from torch.func import grad, vmap
 
 import networks
 from dcbs.samplers import ClassSampler
-from networks import AvgPool2x2, build_model, ops
+from networks import AvgPool2x2, ConvBlock, build_model, conv_instance_norm, ops
 from test_kernels import _step, assert_same_update, check_flag_through_the_command_line
 
 
@@ -50,6 +50,8 @@ def test_layers_choice_keeps_weights_and_state_dict():
     plain = build_model("ConvNet", 3, 10, (32, 32), layers="plain")
     assert [m.fast for m in fast.modules() if isinstance(m, AvgPool2x2)] == [True] * 3
     assert [m.fast for m in plain.modules() if isinstance(m, AvgPool2x2)] == [False] * 3
+    assert [b.fuse for b in fast.blocks] == [True, False, False]       # only the first block
+    assert [b.fuse for b in plain.blocks] == [False] * 3
     sd_f, sd_p = fast.state_dict(), plain.state_dict()
     assert sd_f.keys() == sd_p.keys() and all(torch.equal(sd_f[k], sd_p[k]) for k in sd_f)
     x = torch.randn(8, 3, 32, 32)
@@ -66,6 +68,66 @@ def test_ops_context_and_process_setting():
             pass
     with pytest.raises(ValueError, match="fast, plain"):
         networks.set_ops("fused")
+
+
+def _conv_norm(cin, pad, dtype=torch.float64):
+    conv, norm = torch.nn.Conv2d(cin, 16, 3, padding=pad), torch.nn.GroupNorm(16, 16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    return conv.to(dtype), norm.to(dtype)
+
+
+@pytest.mark.parametrize("cin,hw,pad,act", [(1, (28, 28), 3, torch.nn.ReLU(inplace=True)),
+                                            (3, (32, 32), 1, torch.nn.ReLU(inplace=True)),
+                                            (3, (7, 5), 1, torch.nn.Sigmoid()), (2, (6, 6), 0, None)])
+def test_fused_conv_instance_norm_is_the_plain_layers(cin, hw, pad, act):
+    """float64: forward and every gradient (weights, norm affine, input) equal the plain layers'
+    to 1e-12; the conv bias cancels in the norm, so its gradient is an exact zero (present, so
+    autograd.grad over all parameters does not fail)."""
+    conv, norm = _conv_norm(cin, pad)
+    x = torch.randn(5, cin, *hw, dtype=torch.float64, requires_grad=True)
+    plain = norm(conv(x)) if act is None else act(norm(conv(x)))
+    fused = conv_instance_norm(x, conv, norm, act)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    w = torch.randn_like(plain)
+    params = [conv.weight, norm.weight, norm.bias, x]
+    for a, b in zip(torch.autograd.grad((fused * w).sum(), params), torch.autograd.grad((plain * w).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    g_bias, = torch.autograd.grad((conv_instance_norm(x, conv, norm, act) * w).sum(), conv.bias)
+    assert torch.equal(g_bias, torch.zeros_like(g_bias))
+
+
+def test_fused_conv_instance_norm_double_backward_and_vmap():
+    """The synthetic side differentiates the gradient (create_graph), and the batched kernel takes
+    per-class gradients with vmap(grad): both go through the fused block."""
+    conv, norm = _conv_norm(1, 1)
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: conv_instance_norm(t, conv, norm, torch.nn.Tanh()), (x,))
+    from torch.func import functional_call
+    fused, plain = (ConvBlock(conv, norm, torch.nn.Tanh(), fuse=f) for f in (True, False))
+    params = {k: v.detach() for k, v in fused.named_parameters()}
+    xs = torch.randn(3, 4, 1, 6, 6, dtype=torch.float64)
+
+    def grads(block):
+        return vmap(grad(lambda p, xc: functional_call(block, p, (xc,)).pow(3).sum()), in_dims=(None, 0))(params, xs)
+
+    got, want = grads(fused), grads(plain)
+    for k in ("0.weight", "1.weight", "1.bias"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12)
+    assert torch.equal(got["0.bias"], torch.zeros_like(got["0.bias"]))
+
+
+def test_fused_block_only_where_it_holds():
+    """Fused: the fast layers' first ConvNet block with an instance norm and few input taps, on a
+    CPU input. Not: plain layers, batch norm, a wide input (36 taps), another device."""
+    assert build_model("ConvNet", 3, 10, (32, 32)).blocks[0].fuse
+    assert not build_model("ConvNet", 3, 10, (32, 32), layers="plain").blocks[0].fuse
+    assert not build_model("ConvNetBN", 3, 10, (32, 32)).blocks[0].fuse
+    assert not build_model("ConvNet", 4, 10, (32, 32)).blocks[0].fuse
+    conv, norm = _conv_norm(1, 1, torch.float32)
+    block = ConvBlock(conv, norm, torch.nn.ReLU(), fuse=True)
+    assert block.fuse and "fuse=True" in repr(block)
+    assert block.to("meta")(torch.randn(2, 1, 6, 6, device="meta")).shape == (2, 16, 6, 6)   # plain path
 
 
 def _grads(model, layers, dtype, x, y):
