@@ -176,9 +176,10 @@ class ConvBlock(nn.Sequential):
 
     With ``fuse`` (the fast layers' first ConvNet block) and a CPU input, conv, instance norm
     and act run as ``conv_instance_norm``. Measured on the 2-core EPYC (2 threads, batch 256,
-    interleaved rounds, medians): a whole ConvNet real-data gradient 5-15 % faster on the
-    FashionMNIST shape and 4-24 % on the CIFAR shape. Elsewhere (other devices, not measured
-    there yet) it runs the layers in order.
+    ad-hoc script, five runs of 6-8 interleaved rounds, medians per run): a whole ConvNet
+    real-data gradient 5-18 % faster on the FashionMNIST shape and -1 to +24 % on the CIFAR
+    shape; beside the reference code, results/README.md (fifth round). Elsewhere (other
+    devices, not measured there yet) it runs the layers in order.
     """
 
     def __init__(self, *layers: nn.Module, fuse: bool = False):
