@@ -8,13 +8,24 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_bench_speed():
-    """benchmarks/bench_speed.py as a module (benchmarks/ is not a package), for its plan and parser."""
+def load_bench(name: str = "bench_speed"):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package), for its plan and parser."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_speed", os.path.join(ROOT, "benchmarks", "bench_speed.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_bench_reference_compiles_outside_the_flop_counter():
+    """The compiled test pass must be warmed up by a call outside the FLOP counter's dispatch mode,
+    or its compilation is timed as the first repetition."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    calls = {"ours": [], "ours_compiled": []}
+    fns = {k: (lambda k=k: calls[k].append(_get_current_dispatch_mode() is None)) for k in calls}
+    flops = load_bench("bench_reference").flops_and_warm_up(fns, load_bench()._flops)
+    assert set(flops) == {"ours", "ours_compiled"}
+    assert calls == {"ours": [False], "ours_compiled": [False, True]}
 
 
 def test_bench_eval_writes_per_model_times_and_the_paths_agree(tmp_path):
@@ -86,7 +97,7 @@ def test_gpu_check_script_lists_commands_that_parse(tmp_path):
     today's flags (a renamed flag would only show on the GPU machine, its 15 minutes wasted)."""
     import shlex
     from dcbs.config import build_parser
-    bench = load_bench_speed()
+    bench = load_bench()
     for quick in ("0", "1"):
         env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_QUICK=quick)
         r = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
@@ -114,7 +125,7 @@ def test_gpu_check_script_lists_commands_that_parse(tmp_path):
 
 
 def test_bench_speed_compile_test_adds_a_compiled_test_pass_and_needs_the_evaluation():
-    bench = load_bench_speed()
+    bench = load_bench()
     argv = ["--shapes", "FashionMNIST", "--ipcs", "2", "--methods", "DM", "--paths", "loop/plain", "loop/fast"]
     tests = lambda extra: [bench.path_of(c) for c in bench.plan(bench.build_parser().parse_args(argv + extra))
                            if c["kind"] == "test_pass"]
