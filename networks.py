@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ConvNet", "MLP", "LeNet", "AlexNet", "VGG11", "ResNet18", "MODELS", "AvgPool2x2", "ConvBlock", "OPS", "conv_instance_norm",
-           "build_model", "model_names", "num_feature_layers", "ops", "set_ops"]
+__all__ = ["ConvNet", "MLP", "LeNet", "AlexNet", "VGG11", "ResNet18", "MODELS", "AvgPool2x2", "ConvBlock", "OPS",
+           "build_model", "conv_instance_norm", "model_names", "num_feature_layers", "ops", "set_ops"]
 
 # How layers with a faster equivalent are computed: "fast" (default) or "plain" (torch's own
 # modules, as the public reference code builds them). Read when a model is built; set per
