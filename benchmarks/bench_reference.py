@@ -1,10 +1,14 @@
 """Our straightforward path against the public reference code, in one process (issue 6).
 
-Times one DC, DSA and DM iteration at ipc 1, the evaluation's test pass (TEST) and
-one whole evaluation at ipc 1 (EVAL: 300 epochs on 10 images, then the test pass) on
-FashionMNIST-shaped random data (1x28x28, 10 classes, 6000 images per class, 10,000
-test images, ConvNet) two ways, interleaved (ours, reference, ours, reference, ...)
-so that both see the same machine state:
+Times one DC, DSA and DM iteration at ipc 1 and 10 (``--ipcs``), the evaluation's test
+pass (TEST) and one whole evaluation at ipc 1 (EVAL: 300 epochs on 10 images, then the
+test pass) on FashionMNIST-shaped random data (1x28x28, 10 classes, 6000 images per
+class, 10,000 test images, ConvNet) two ways, interleaved (ours, reference, ours,
+reference, ...) so that both see the same machine state. A DC/DSA iteration at ipc 10
+(10 synthetic updates with a 50-epoch inner loop between each two: about 2.5 minutes on
+the reference) is timed in its two parts, one synthetic update and one inner loop, each
+side's parts interleaved with the other's, and each repetition composed as
+``10 x update + 9 x inner loop`` (``compose``); the parts' figures are reported too.
 
 * ours: the ``loop`` kernel through ``dcbs.condense``'s step, driven as
   ``bench_speed.py`` drives one iteration (a network built once, a fresh
@@ -13,13 +17,14 @@ so that both see the same machine state:
 * reference: the loop body of the public DC/DSA/DM code
   (https://github.com/VICO-UoE/DatasetCondensation), re-created in a few lines
   that call its own ``utils`` (get_network, match_loss, DiffAugment,
-  ParamDiffAug) exactly as its ``main.py`` does for one outer iteration at ipc 1
-  (outer loop 1, so no inner network training) and ``main_DM.py`` for one DM
-  iteration; for TEST and EVAL its ``epoch('test', ...)`` and ``evaluate_synset``
-  with a test loader as its ``main.py`` builds one. Its per-iteration ``get_network`` call is part of that body and is
-  timed with it (milliseconds); its clock-based seeds are kept. Its DSA call
-  needs two small adaptations to run on torch 2.x with one-channel images at
-  ipc 1 (``reference_iteration``'s ``siamese`` says which and why).
+  ParamDiffAug, epoch) exactly as its ``main.py`` does for one iteration at ipc 1
+  (outer loop 1, so no inner network training) or for one outer step and one
+  inner loop at ipc 10, and ``main_DM.py`` for one DM iteration; for TEST and EVAL
+  its ``epoch('test', ...)`` and ``evaluate_synset`` with a test loader as its
+  ``main.py`` builds one. At ipc 1 its per-iteration ``get_network`` call is part
+  of that body and is timed with it (milliseconds); its clock-based seeds are
+  kept. Its DSA calls need two small adaptations to run on torch 2.x with
+  one-channel images (``reference_iteration``'s ``siamese`` says which and why).
 
 The reference code is not part of this repository: pass a clone with
 ``--reference_dir``. DSA and DM use ``--dsa_strategy`` on both sides (the
@@ -38,12 +43,17 @@ prints the top ops by self CPU time side by side.
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC --profile
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --ops plain
+    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC DSA DM --ipcs 10
+
+The default run (DC, DSA, DM at ipc 1 and 10, TEST, EVAL; 5 repetitions) takes about
+25 minutes on a 2-core CPU.
 
 The figures mean something only on an otherwise idle machine.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -83,20 +93,24 @@ def load_reference(reference_dir: str):
     return ref
 
 
-def ours_iteration(method: str, data, device, dsa_strategy: str):
-    """One iteration of our step with the ``loop`` kernel, set up as bench_speed.py's ``one_step``."""
+def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC) -> dict:
+    """Our step with the ``loop`` kernel, set up as bench_speed.py's ``one_step``, as ``{"iter": fn}``
+    (one whole iteration: ipc 1, and DM at any ipc) or, for DC/DSA at ipc > 1, as the two parts an
+    iteration is made of, ``{"match": one synthetic update, "inner": one inner loop}`` (see
+    ``compose``): the step with its loops set to (1, 1), and ``condense.train_on_synthetic``, the
+    step's own inner loop."""
     import torch
     import dcbs.condense as cd
     from dcbs.augment import ParamDiffAug
     from dcbs.samplers import ClassSampler
     from networks import build_model
 
-    cfg = SimpleNamespace(ipc=IPC, batch_real=256, dsa_strategy=dsa_strategy if method != "DC" else "none", seed=0,
+    cfg = SimpleNamespace(ipc=ipc, batch_real=256, dsa_strategy=dsa_strategy if method != "DC" else "none", seed=0,
                           dis_metric="ours", lr_net=0.01, batch_train=256, kernel="loop", method=method)
     sampler = ClassSampler(data.indices_class, seed=2)
     net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
-    image_syn = torch.randn(10 * IPC, data.channel, *data.im_size, device=device, requires_grad=True)
-    label_syn = torch.arange(10, device=device).repeat_interleave(IPC)
+    image_syn = torch.randn(10 * ipc, data.channel, *data.im_size, device=device, requires_grad=True)
+    label_syn = torch.arange(10, device=device).repeat_interleave(ipc)
     opt = torch.optim.SGD([image_syn], lr=1.0 if method == "DM" else 0.1, momentum=0.5)
     dsa_param = ParamDiffAug()
     step = cd.STEPS[method]
@@ -109,7 +123,41 @@ def ours_iteration(method: str, data, device, dsa_strategy: str):
         state["it"] += 1
         step(net, image_syn, label_syn, opt, ctx)
 
-    return one_step
+    def parts(**fns) -> dict:
+        for fn in fns.values():                       # what the parts update, for tests
+            fn.net, fn.image_syn = net, image_syn
+        return fns
+
+    if method == "DM" or cd.get_loops(ipc)[0] == 1:
+        return parts(iter=one_step)
+    epochs = cd.get_loops(ipc)[1]
+    opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+    criterion = torch.nn.CrossEntropyLoss()
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def match():
+        real_get_loops = cd.get_loops
+        cd.get_loops = lambda _ipc: (1, 1)
+        try:
+            one_step()
+        finally:
+            cd.get_loops = real_get_loops
+
+    def inner():
+        cd.train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, epochs, g, dsa_param)
+
+    return parts(match=match, inner=inner)
+
+
+def compose(parts: dict, outer: int) -> tuple[list, float]:
+    """Seconds and FLOPs of one whole iteration from its parts' timed repetitions: a DC/DSA
+    iteration is ``outer`` synthetic updates with an inner loop between each two (main.py breaks
+    after the last update), so repetition i counts ``outer * match_i + (outer - 1) * inner_i``.
+    ``parts`` maps "match" and "inner" to ``(times, flops)``."""
+    (tm, fm), (ti, fi) = parts["match"], parts["inner"]
+    if len(tm) != len(ti):
+        raise ValueError(f"{len(tm)} match and {len(ti)} inner-loop repetitions: time them in the same rounds")
+    return [outer * m + (outer - 1) * i for m, i in zip(tm, ti)], outer * fm + (outer - 1) * fi
 
 
 def _one_image_param(ref):
@@ -130,48 +178,67 @@ def _plain_strides(x):
     return x if list(x.stride()) == want else x.clone(memory_format=torch.contiguous_format)
 
 
-def reference_iteration(ref, method: str, data, dsa_strategy: str):
-    """One iteration of the reference loop body at ipc 1, calling its ``utils``.
+@contextlib.contextmanager
+def _row_major_diffaugment(ref):
+    """The reference's ``epoch`` calls its module's ``DiffAugment`` by name; while this is active that
+    name returns row-major batches (``siamese``'s second adaptation, for the inner loop's call)."""
+    real = ref.DiffAugment
+    ref.DiffAugment = lambda *a, **k: _plain_strides(real(*a, **k))
+    try:
+        yield
+    finally:
+        ref.DiffAugment = real
 
-    DC/DSA: main.py's body for iteration ``it`` (outer_loop 1: the loop breaks
-    after the synthetic update, no inner network training). DM: main_DM.py's
-    ConvNet branch. ConvNet (instance norm) has no BatchNorm, so main.py's
-    BatchNorm freezing never runs. Real images: ``images_all[np.random.permutation
-    (indices_class[c])[:n]]`` with ``indices_class`` a list of Python ints, as the
-    reference's ``get_images``. DSA goes through ``siamese`` below (two adaptations
-    to torch 2.x, said there).
+
+def reference_iteration(ref, method: str, data, dsa_strategy: str, ipc: int = IPC) -> dict:
+    """The reference loop body, calling its ``utils``, in the parts ``ours_iteration`` returns.
+
+    DC/DSA: main.py's body for iteration ``it``: at ipc 1 the whole iteration (outer_loop 1: the
+    loop breaks after the synthetic update, no inner network training; its ``get_network`` call is
+    timed with it); at ipc > 1 one pass of its outer loop (``match``, on a network built once, as
+    the iteration builds it once for all its outer steps) and one inner loop (``inner``: its
+    ``copy.deepcopy``, ``TensorDataset``, shuffled ``DataLoader`` and ``inner_loop`` calls of its
+    ``epoch('train', ...)``, DSA-augmented for DSA). DM: main_DM.py's ConvNet branch. ConvNet
+    (instance norm) has no BatchNorm, so main.py's BatchNorm freezing never runs. Real images:
+    ``images_all[np.random.permutation(indices_class[c])[:n]]`` with ``indices_class`` a list of
+    Python ints, as the reference's ``get_images``. DSA goes through ``siamese`` below (two
+    adaptations to torch 2.x, said there).
     """
+    import copy
     import numpy as np
     import torch
     import torch.nn as nn
 
-    channel, im_size, num_classes, ipc = data.channel, data.im_size, data.num_classes, IPC
+    channel, im_size, num_classes = data.channel, data.im_size, data.num_classes
     images_all = data.images_train
     indices_class = [[] for _ in range(num_classes)]
     for i, lab in enumerate(data.labels_train.tolist()):
         indices_class[lab].append(i)
-    args = SimpleNamespace(device="cpu", dis_metric="ours", batch_real=256, lr_net=0.01, ipc=ipc,
+    args = SimpleNamespace(device="cpu", dis_metric="ours", batch_real=256, batch_train=256, lr_net=0.01, ipc=ipc,
                            dsa_param=ref.ParamDiffAug(),
                            dsa=method != "DC" and dsa_strategy not in ("none", "None"),
                            dsa_strategy=dsa_strategy if method != "DC" else "None")
+    args.outer_loop, args.inner_loop = ref.get_loops(ipc)
 
     def get_images(c, n):
         idx_shuffle = np.random.permutation(indices_class[c])[:n]
         return images_all[idx_shuffle]
 
-    syn_param = _one_image_param(ref)
+    syn_param = _one_image_param(ref) if ipc == 1 else args.dsa_param
 
     def siamese(img_real, img_syn):
         """The reference's DSA call pair, with two adaptations without which it fails on torch 2.x
-        for a one-channel dataset at ipc 1 (the reference's code is used as it is):
-        1. its siamese broadcast ``t[:] = t[0]`` on the one-image synthetic batch (a no-op) is refused
-           when ``t`` has one element ("... refer to a single memory location": crop, cutout, flip,
-           colour); the synthetic call gets a ParamDiffAug whose Siamese flag stays False; it reseeds
-           from the same seed, so it draws what the real batch's first sample draws;
+        for a one-channel dataset (the reference's code is used as it is):
+        1. at ipc 1, its siamese broadcast ``t[:] = t[0]`` on the one-image synthetic batch (a no-op)
+           is refused when ``t`` has one element ("... refer to a single memory location": crop,
+           cutout, flip, colour); the synthetic call gets a ParamDiffAug whose Siamese flag stays
+           False; it reseeds from the same seed, so it draws what the real batch's first sample
+           draws (at ipc > 1 both calls share ``args.dsa_param``, as in main.py);
         2. its crop returns [N, 1, H, W] with channels-last strides, which ``.contiguous()`` keeps
            (one channel: both layouts count as contiguous); the convolutions then return channels-last
            maps and its ConvNet's ``out.view(out.size(0), -1)`` fails; the batches get row-major
-           strides back, the layout the rest of the batches (and ours) have.
+           strides back, the layout the rest of the batches (and ours) have. The inner loop's call
+           inside its ``epoch`` gets the same (``_row_major_diffaugment``).
         """
         seed = int(time.time() * 1000) % 100000
         img_real = ref.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
@@ -180,16 +247,12 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str):
 
     image_syn = torch.randn(size=(num_classes * ipc, channel, im_size[0], im_size[1]), dtype=torch.float,
                             requires_grad=True)
+    label_syn = torch.tensor(np.array([np.ones(ipc) * i for i in range(num_classes)]), dtype=torch.long).view(-1)
     optimizer_img = torch.optim.SGD([image_syn], lr=1.0 if method == "DM" else 0.1, momentum=0.5)
     optimizer_img.zero_grad()
     criterion = nn.CrossEntropyLoss()
 
-    def gm_iteration():                                   # main.py, one iteration, outer_loop = 1
-        net = ref.get_network("ConvNet", channel, num_classes, im_size)
-        net.train()
-        net_parameters = list(net.parameters())
-        optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
-        optimizer_net.zero_grad()
+    def update_synthetic(net, net_parameters):           # main.py, one pass of the outer loop
         loss = torch.tensor(0.0).to(args.device)
         for c in range(num_classes):
             img_real = get_images(c, args.batch_real)
@@ -206,6 +269,13 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str):
         loss.backward()
         optimizer_img.step()
         return loss.item() / num_classes
+
+    def gm_iteration():                                   # main.py, one iteration, outer_loop = 1
+        net = ref.get_network("ConvNet", channel, num_classes, im_size)
+        net.train()
+        optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+        optimizer_net.zero_grad()
+        return update_synthetic(net, list(net.parameters()))
 
     def dm_iteration():                                   # main_DM.py, one iteration, ConvNet branch
         net = ref.get_network("ConvNet", channel, num_classes, im_size)
@@ -227,7 +297,27 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str):
         optimizer_img.step()
         return loss.item() / num_classes
 
-    return dm_iteration if method == "DM" else gm_iteration
+    if method == "DM":
+        return {"iter": dm_iteration}
+    if args.outer_loop == 1:
+        return {"iter": gm_iteration}
+    net = ref.get_network("ConvNet", channel, num_classes, im_size)
+    net.train()
+    net_parameters = list(net.parameters())
+    optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
+    optimizer_net.zero_grad()
+    args.dc_aug_param = None                              # main.py mutes DC augmentation in the inner loop
+
+    def inner_loop():                                     # main.py, "update network", between two outer steps
+        image_syn_train, label_syn_train = copy.deepcopy(image_syn.detach()), copy.deepcopy(label_syn.detach())
+        dst_syn_train = torch.utils.data.TensorDataset(image_syn_train, label_syn_train)
+        trainloader = torch.utils.data.DataLoader(dst_syn_train, batch_size=args.batch_train, shuffle=True,
+                                                  num_workers=0)
+        with _row_major_diffaugment(ref):
+            for il in range(args.inner_loop):
+                ref.epoch("train", trainloader, net, optimizer_net, criterion, args, aug=True if args.dsa else False)
+
+    return {"match": lambda: update_synthetic(net, net_parameters), "inner": inner_loop}
 
 
 def ours_evaluation(kind: str, data, device, compile_test: bool = False):
@@ -288,8 +378,9 @@ def flops_and_warm_up(fns: dict, count_flops) -> dict:
     took 29.7 s against 7-9 s for the others), so without this call compilation lands in the first
     timed repetition."""
     flops = {k: count_flops(fn) for k, fn in fns.items()}
-    if "ours_compiled" in fns:
-        fns["ours_compiled"]()
+    for k, fn in fns.items():                         # keys: a side, or (side, part)
+        if (k[0] if isinstance(k, tuple) else k) == "ours_compiled":
+            fn()
     return flops
 
 
@@ -311,9 +402,9 @@ def summary(times: list, flops: float, ceiling: float) -> dict:
 
 
 def print_table(rows, ceiling, threads, repeats):
-    print(f"\nipc {IPC}, {SHAPE} shape, ConvNet; {threads} threads; {repeats} timed repeats per side "
+    print(f"\n{SHAPE} shape, ConvNet; {threads} threads; {repeats} timed repeats per side "
           f"(+1 warm-up), interleaved; fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
-    head = (f"{'method':<7}{'side':<10}{'median s':>9} {'min-max':>15}{'GFLOP':>8}{'GFLOP/s':>9}{'%ceil':>6}"
+    head = (f"{'method':<7}{'ipc':>4} {'side':<10}{'median s':>9} {'min-max':>17}{'GFLOP':>9}{'GFLOP/s':>9}{'%ceil':>6}"
             f"{'ours/ref':>9}{'speed-up':>9}")
     print(head)
     print("-" * len(head))
@@ -323,8 +414,20 @@ def print_table(rows, ceiling, threads, repeats):
             q = r.get({"ours": "ratio", "ours_compiled": "ratio_compiled"}.get(side, ""))
             ratio = f"{q:>9.2f}{1 / q:>8.2f}x" if q else ""
             name = "compiled" if side == "ours_compiled" else side
-            print(f"{r['method']:<7}{name:<10}{s['median_s']:>9.3f} {s['min_s']:>7.2f}-{s['max_s']:<7.2f}"
-                  f"{s['gflop']:>8.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{ratio}")
+            print(f"{r['method']:<7}{r['ipc']:>4} {name:<10}{s['median_s']:>9.3f} {s['min_s']:>8.2f}-{s['max_s']:<8.2f}"
+                  f"{s['gflop']:>9.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{ratio}")
+            for part, ps in s.get("parts", {}).items():
+                print(f"{'':<12}{'  ' + part:<10}{ps['median_s']:>9.3f} {ps['min_s']:>8.2f}-{ps['max_s']:<8.2f}"
+                      f"{ps['gflop']:>9.1f}{ps['gflops_per_s']:>9.1f}{ps['pct_ceiling']:>6.0f}")
+    if any("parts" in r["ours"] for r in rows):
+        print("ipc > 1 (DC/DSA): one iteration composed of its parts' repetitions (outer_loop x match + "
+              "(outer_loop - 1) x inner), as main.py runs them")
+
+
+def jobs(methods: list, ipcs: list) -> list:
+    """(method, ipc) pairs to time: DC, DSA and DM at every ipc; TEST and EVAL (ipc 1) once."""
+    return ([(m, ipc) for ipc in ipcs for m in methods if m in ("DC", "DSA", "DM")]
+            + [(m, 1) for m in methods if m in ("TEST", "EVAL")])
 
 
 def print_profile(method: str, prof: dict):
@@ -360,6 +463,8 @@ def main(argv=None):
                    choices=["DC", "DSA", "DM", "TEST", "EVAL"],
                    help="condensation iterations (DC, DSA, DM), the evaluation's test pass over 10,000 images "
                         "(TEST) and one whole evaluation, 300 epochs + test pass (EVAL)")
+    p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10],
+                   help="images per class of the DC, DSA and DM iterations (TEST and EVAL: ipc 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per side (after one warm-up)")
     p.add_argument("--num_threads", type=int, default=2)
     p.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate",
@@ -381,14 +486,15 @@ def main(argv=None):
         print(f"error: no utils.py in {ref_dir}; --reference_dir must be a clone made with `{CLONE}`",
               file=sys.stderr)
         return 2
-    if args.repeats < 1 or args.num_threads < 1:
-        print("error: --repeats and --num_threads must be >= 1", file=sys.stderr)
+    if args.repeats < 1 or args.num_threads < 1 or min(args.ipcs) < 1:
+        print("error: --ipcs, --repeats and --num_threads must be >= 1", file=sys.stderr)
         return 2
 
     import torch
     from bench_speed import _data, _flops, ceiling_gflops, interleaved, write_report  # same folder; it puts the repository on sys.path
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
+    from dcbs.matching import get_loops
 
     from networks import set_ops
     tune_allocator()
@@ -406,29 +512,39 @@ def main(argv=None):
           f"ceiling {ceiling:.0f} GFLOP/s", flush=True)
 
     rows, profiles = [], {}
-    for method in args.methods:
+    for method, ipc in jobs(args.methods, args.ipcs):
         if method in ("TEST", "EVAL"):
-            fns = {"ours": ours_evaluation(method, data, device), "reference": reference_evaluation(ref, method, data)}
+            sides = {"ours": {"iter": ours_evaluation(method, data, device)},
+                     "reference": {"iter": reference_evaluation(ref, method, data)}}
             if args.compile_test:
-                fns["ours_compiled"] = ours_evaluation(method, data, device, compile_test=True)
+                sides["ours_compiled"] = {"iter": ours_evaluation(method, data, device, compile_test=True)}
         else:
-            fns = {"ours": ours_iteration(method, data, device, args.dsa_strategy),
-                   "reference": reference_iteration(ref, method, data, args.dsa_strategy)}
+            sides = {"ours": ours_iteration(method, data, device, args.dsa_strategy, ipc),
+                     "reference": reference_iteration(ref, method, data, args.dsa_strategy, ipc)}
+        fns = {(side, part): fn for side, parts in sides.items() for part, fn in parts.items()}
         flops = flops_and_warm_up(fns, _flops)
         times = interleaved(fns, device, args.repeats)
-        row = {"method": method, "ipc": IPC, "shape": SHAPE,
-               "dsa_strategy": args.dsa_strategy if method in ("DSA", "DM") else "none",
-               **{k: summary(times[k], flops[k], ceiling) for k in fns}}
+        row = {"method": method, "ipc": ipc, "shape": SHAPE,
+               "dsa_strategy": args.dsa_strategy if method in ("DSA", "DM") else "none"}
+        for side, parts in sides.items():
+            if "iter" in parts:
+                row[side] = summary(times[side, "iter"], flops[side, "iter"], ceiling)
+            else:
+                outer = get_loops(ipc)[0]
+                t, f = compose({p: (times[side, p], flops[side, p]) for p in parts}, outer)
+                row[side] = {**summary(t, f, ceiling), "composed": f"{outer} x match + {outer - 1} x inner",
+                             "parts": {p: summary(times[side, p], flops[side, p], ceiling) for p in parts}}
         row["ratio"] = row["ours"]["median_s"] / row["reference"]["median_s"]
         if "ours_compiled" in row:
             row["ratio_compiled"] = row["ours_compiled"]["median_s"] / row["reference"]["median_s"]
         rows.append(row)
-        print(f"{method}: ours {row['ours']['median_s']:.3f} s, reference {row['reference']['median_s']:.3f} s "
+        print(f"{method} ipc {ipc}: ours {row['ours']['median_s']:.3f} s, reference {row['reference']['median_s']:.3f} s "
               f"(ours/reference {row['ratio']:.2f})"
               + (f"; compiled {row['ours_compiled']['median_s']:.3f} s ({row['ratio_compiled']:.2f})"
                  if "ours_compiled" in row else ""), flush=True)
         if args.profile:
-            profiles[method] = {k: top_ops(fn) for k, fn in fns.items()}
+            profiles[f"{method} ipc {ipc}"] = {side: top_ops(parts.get("iter") or parts["match"])
+                                               for side, parts in sides.items()}
 
     print_table(rows, ceiling, torch.get_num_threads(), args.repeats)
     for method, prof in profiles.items():

@@ -172,7 +172,6 @@ def _iteration(case, data, device, repeats):
     import torch
     import dcbs.condense as cd
     from dcbs.augment import ParamDiffAug
-    from dcbs.evaluate import epoch, minibatches
     from dcbs.samplers import ClassSampler, ClusterSampler
     from networks import build_model
 
@@ -212,13 +211,9 @@ def _iteration(case, data, device, repeats):
     opt_net = torch.optim.SGD(net.parameters(), lr=0.01)
     crit = torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
-    from dcbs.augment import DiffAugment
-    aug = (lambda x: DiffAugment(x, dsa, seed=-1, param=dsa_param, generator=g)) if dsa != "none" else None
-    x, y = image_syn.detach().clone(), label_syn.clone()
 
     def inner_loop():
-        for _ in range(inner):
-            epoch("train", minibatches(x, y, 256, g), net, opt_net, crit, aug)
+        cd.train_on_synthetic(net, opt_net, crit, image_syn, label_syn, cfg, inner, g, dsa_param)
 
     t_inner = _timed(inner_loop, device, max(1, repeats // 2))
     f_inner = _flops(inner_loop)

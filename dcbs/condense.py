@@ -37,8 +37,8 @@ from .matching import get_loops
 from .samplers import ClassSampler
 from .seeding import derive_seed, generator, seeded
 
-__all__ = ["Condenser", "gradient_matching_step", "distribution_matching_step", "STEPS", "init_synthetic",
-           "NonFiniteError", "Interrupted", "Diagnostics"]
+__all__ = ["Condenser", "gradient_matching_step", "distribution_matching_step", "train_on_synthetic", "STEPS",
+           "init_synthetic", "NonFiniteError", "Interrupted", "Diagnostics"]
 
 log = logging.getLogger("dcbs")
 
@@ -203,14 +203,20 @@ def gradient_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext)
         ctx.diag.add_loss(loss, nc)
         if ol == outer_loop - 1:
             break
-        # train the network on the current synthetic set (DSA: the same augmentation, per sample)
-        syn_x, syn_y = image_syn.detach().clone(), label_syn.detach().clone()
-        g = generator(cfg.seed, "inner", ctx.exp, ctx.it, ol)
-        aug = None
-        if cfg.dsa_strategy != "none":
-            aug = lambda x: DiffAugment(x, cfg.dsa_strategy, seed=-1, param=ctx.dsa_param, generator=g)
-        for _ in range(inner_loop):
-            epoch("train", minibatches(syn_x, syn_y, cfg.batch_train, g), net, opt_net, criterion, aug)
+        train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, inner_loop,
+                           generator(cfg.seed, "inner", ctx.exp, ctx.it, ol), ctx.dsa_param)
+
+
+def train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, epochs: int, g, dsa_param) -> None:
+    """The inner loop between two synthetic updates: ``epochs`` epochs of the network on a copy of the
+    current synthetic set, in batches of ``cfg.batch_train`` shuffled by ``g``; DSA draws its
+    augmentation per sample from the same ``g``."""
+    syn_x, syn_y = image_syn.detach().clone(), label_syn.detach().clone()
+    aug = None
+    if cfg.dsa_strategy != "none":
+        aug = lambda x: DiffAugment(x, cfg.dsa_strategy, seed=-1, param=dsa_param, generator=g)
+    for _ in range(epochs):
+        epoch("train", minibatches(syn_x, syn_y, cfg.batch_train, g), net, opt_net, criterion, aug)
 
 
 def distribution_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext) -> None:

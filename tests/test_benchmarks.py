@@ -134,3 +134,80 @@ def test_bench_speed_compile_test_adds_a_compiled_test_pass_and_needs_the_evalua
     r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", *argv, "--compile_test", "--no_eval"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--compile_test" in r.stderr and "--no_eval" in r.stderr
+
+
+def _small_data(per_class: int = 12):
+    import torch
+    from dcbs.data import RealData
+    g = torch.Generator().manual_seed(0)
+    return RealData(name="FashionMNIST", source="random", channel=1, im_size=(28, 28), num_classes=10,
+                    class_names=[str(c) for c in range(10)], mean=[0.0], std=[1.0],
+                    images_train=torch.randn(10 * per_class, 1, 28, 28, generator=g),
+                    labels_train=torch.arange(10).repeat_interleave(per_class),
+                    images_test=torch.randn(20, 1, 28, 28, generator=g), labels_test=torch.arange(10).repeat(2),
+                    fingerprint="random")
+
+
+def test_bench_reference_composes_an_ipc10_iteration_from_its_parts():
+    compose = load_bench("bench_reference").compose
+    times, flops = compose({"match": ([1.0, 2.0], 10.0), "inner": ([0.5, 0.25], 4.0)}, outer=10)
+    assert times == [10 * 1.0 + 9 * 0.5, 10 * 2.0 + 9 * 0.25]    # repetition by repetition
+    assert flops == 10 * 10.0 + 9 * 4.0
+    import pytest
+    with pytest.raises(ValueError, match="same rounds"):
+        compose({"match": ([1.0, 2.0], 1.0), "inner": ([0.5], 1.0)}, outer=10)
+    jobs = load_bench("bench_reference").jobs
+    assert jobs(["TEST", "DC", "DM", "EVAL"], [1, 10]) == [("DC", 1), ("DM", 1), ("DC", 10), ("DM", 10),
+                                                            ("TEST", 1), ("EVAL", 1)]
+
+
+def test_bench_reference_ipc10_parts_are_one_synthetic_update_and_one_inner_loop(monkeypatch):
+    """Our side of an ipc-10 DC/DSA iteration in two parts: ``match`` changes the synthetic images
+    (one update) and not the network, ``inner`` trains the network on them and leaves them alone;
+    the step's loop schedule is back to normal after ``match``."""
+    import torch
+    import dcbs.condense as cd
+    bench = load_bench("bench_reference")
+    real_get_loops = cd.get_loops
+    monkeypatch.setattr(cd, "get_loops", lambda ipc: (10, 2) if ipc == 10 else real_get_loops(ipc))
+    data = _small_data()
+    for method in ("DC", "DSA"):
+        parts = bench.ours_iteration(method, data, torch.device("cpu"), "color_crop_cutout_flip_scale_rotate", ipc=10)
+        assert set(parts) == {"match", "inner"}
+        net, image_syn = parts["match"].net, parts["match"].image_syn
+        assert parts["inner"].net is net and parts["inner"].image_syn is image_syn
+        w0, x0 = [p.detach().clone() for p in net.parameters()], image_syn.detach().clone()
+        parts["match"]()
+        assert cd.get_loops(10) == (10, 2)
+        assert all(torch.equal(a, b) for a, b in zip(w0, net.parameters()))
+        assert not torch.equal(x0, image_syn)
+        x1 = image_syn.detach().clone()
+        parts["inner"]()
+        assert torch.equal(x1, image_syn)
+        assert not all(torch.equal(a, b) for a, b in zip(w0, net.parameters()))
+    # DM and ipc 1 stay one whole iteration
+    assert set(bench.ours_iteration("DM", data, torch.device("cpu"), "none", ipc=10)) == {"iter"}
+    assert set(bench.ours_iteration("DC", data, torch.device("cpu"), "none", ipc=1)) == {"iter"}
+
+
+def test_bench_reference_runs_the_reference_parts_on_a_clone(monkeypatch):
+    """With a clone of the reference code (DCBS_REFERENCE_DIR; not available in CI), its side's parts
+    run at ipc 1 and 10, the DSA inner loop included (the adaptations in ``siamese``)."""
+    import pytest
+    import torch
+    ref_dir = os.environ.get("DCBS_REFERENCE_DIR")
+    if not ref_dir or not os.path.isfile(os.path.join(ref_dir, "utils.py")):
+        pytest.skip("set DCBS_REFERENCE_DIR to a clone of https://github.com/VICO-UoE/DatasetCondensation")
+    import dcbs.condense  # noqa: F401  (binds our `networks` first, as bench_reference's main does)
+    bench = load_bench("bench_reference")
+    ref = bench.load_reference(ref_dir)
+    monkeypatch.setattr(ref, "get_loops", lambda ipc: (10, 2) if ipc == 10 else (1, 0))
+    data = _small_data()
+    for method in ("DC", "DSA", "DM"):
+        for ipc in (1, 10):
+            parts = bench.reference_iteration(ref, method, data, "color_crop_cutout_flip_scale_rotate", ipc)
+            assert set(parts) == ({"match", "inner"} if ipc == 10 and method != "DM" else {"iter"})
+            for fn in parts.values():
+                fn()
+    assert ref.DiffAugment.__module__ == ref.__name__          # the inner loop's wrapper is taken off
+    assert torch.get_default_dtype() == torch.float32
