@@ -17,9 +17,7 @@ fewer epochs are not the protocol's; the ratio of the two paths is the point).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 

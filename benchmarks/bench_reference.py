@@ -62,6 +62,8 @@ import time
 import warnings
 from types import SimpleNamespace
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_speed, beside this file
+
 CLONE = "git clone https://github.com/VICO-UoE/DatasetCondensation"
 SHAPE = "FashionMNIST"
 IPC = 1
@@ -93,60 +95,17 @@ def load_reference(reference_dir: str):
     return ref
 
 
-def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC) -> dict:
-    """Our step with the ``loop`` kernel, set up as bench_speed.py's ``one_step``, as ``{"iter": fn}``
-    (one whole iteration: ipc 1, and DM at any ipc) or, for DC/DSA at ipc > 1, as the two parts an
-    iteration is made of, ``{"match": one synthetic update, "inner": one inner loop}`` (see
-    ``compose``): the step with its loops set to (1, 1), and ``condense.train_on_synthetic``, the
-    step's own inner loop."""
-    import torch
-    import dcbs.condense as cd
-    from dcbs.augment import ParamDiffAug
-    from dcbs.samplers import ClassSampler
-    from networks import build_model
-
-    cfg = SimpleNamespace(ipc=ipc, batch_real=256, dsa_strategy=dsa_strategy if method != "DC" else "none", seed=0,
-                          dis_metric="ours", lr_net=0.01, batch_train=256, kernel="loop", method=method)
-    sampler = ClassSampler(data.indices_class, seed=2)
-    net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
-    image_syn = torch.randn(10 * ipc, data.channel, *data.im_size, device=device, requires_grad=True)
-    label_syn = torch.arange(10, device=device).repeat_interleave(ipc)
-    opt = torch.optim.SGD([image_syn], lr=1.0 if method == "DM" else 0.1, momentum=0.5)
-    dsa_param = ParamDiffAug()
-    step = cd.STEPS[method]
-    names = [n for n, _ in net.named_parameters()]
-    state = {"it": 0}
-
-    def one_step():
-        ctx = cd.StepContext(cfg, data, sampler, ClassSampler(data.indices_class, 3), 0, state["it"], device,
-                             dsa_param, cd.Diagnostics(names))
-        state["it"] += 1
-        step(net, image_syn, label_syn, opt, ctx)
-
-    def parts(**fns) -> dict:
-        for fn in fns.values():                       # what the parts update, for tests
-            fn.net, fn.image_syn = net, image_syn
-        return fns
-
-    if method == "DM" or cd.get_loops(ipc)[0] == 1:
-        return parts(iter=one_step)
-    epochs = cd.get_loops(ipc)[1]
-    opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-    criterion = torch.nn.CrossEntropyLoss()
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def match():
-        real_get_loops = cd.get_loops
-        cd.get_loops = lambda _ipc: (1, 1)
-        try:
-            one_step()
-        finally:
-            cd.get_loops = real_get_loops
-
-    def inner():
-        cd.train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, epochs, g, dsa_param)
-
-    return parts(match=match, inner=inner)
+def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC, layers: str = "fast") -> dict:
+    """Our step with the ``loop`` kernel, built by bench_speed.py's ``case_fns`` (a network built
+    once, a fresh ``StepContext`` per iteration): ``{"iter": fn}`` (one whole iteration: ipc 1, and
+    DM at any ipc) or, for DC/DSA at ipc > 1, the two parts an iteration is made of, ``{"match": one
+    synthetic update, "inner": one inner loop}`` (see ``compose``): the step with its loops set to
+    (1, 1), and ``condense.train_on_synthetic``, the step's own inner loop. DSA and DM augment with
+    ``dsa_strategy``."""
+    from bench_speed import case_fns
+    case = dict(kind="iter", method=method, shape=SHAPE, ipc=ipc, kernel="loop", ops=layers,
+                dsa_strategy=dsa_strategy if method != "DC" else "none")
+    return case_fns(case, data, device)[0]
 
 
 def compose(parts: dict, outer: int) -> tuple[list, float]:
@@ -491,7 +450,7 @@ def main(argv=None):
         return 2
 
     import torch
-    from bench_speed import _data, _flops, ceiling_gflops, interleaved, write_report  # same folder; it puts the repository on sys.path
+    from bench_speed import _data, _flops, ceiling_gflops, interleaved, write_report  # it puts the repository on sys.path
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
     from dcbs.matching import get_loops
@@ -519,7 +478,7 @@ def main(argv=None):
             if args.compile_test:
                 sides["ours_compiled"] = {"iter": ours_evaluation(method, data, device, compile_test=True)}
         else:
-            sides = {"ours": ours_iteration(method, data, device, args.dsa_strategy, ipc),
+            sides = {"ours": ours_iteration(method, data, device, args.dsa_strategy, ipc, args.ops),
                      "reference": reference_iteration(ref, method, data, args.dsa_strategy, ipc)}
         fns = {(side, part): fn for side, parts in sides.items() for part, fn in parts.items()}
         flops = flops_and_warm_up(fns, _flops)

@@ -19,9 +19,11 @@ For the test pass ``loop`` is the reference's loop (batches of 256 under
 Cases run one after another; on a machine whose speed drifts (the shared 2-core VM
 here: its matmul ceiling read 146, 119 and 131 GFLOP/s within 20 minutes) that order
 alone can move a ratio by 10 %, so ``--rounds N`` runs the whole list N times in turn
-and pools each case's repetitions. Random tensors with the datasets' shapes stand in for
-the data (timing only). Every case runs in its own child process so its peak
-memory (RSS; GPU memory on CUDA) is its own.
+and pools each case's repetitions, and ``--interleave`` times the paths of one
+(method, shape, ipc) in one process, repetition by repetition (a, b, ..., a, b, ...).
+Random tensors with the datasets' shapes stand in for the data (timing only). Every
+case (with ``--interleave``: every such group) runs in its own child process, so its
+peak memory (RSS; GPU memory on CUDA) is its own (the group's).
 
 For ipc 10 the iteration is 10 outer matching steps and 9 x 50 inner training
 steps; the benchmark times one matching step and one inner loop of 50 steps and
@@ -33,6 +35,7 @@ the CPU ceiling is the fp32 rate of a 2048x2048 matmul measured in the same run.
     python benchmarks/bench_speed.py --quick               # a minute: tiny repeats, to check it runs
     python benchmarks/bench_speed.py --device cuda --ipcs 1 10 50
     python benchmarks/bench_speed.py --shapes FashionMNIST --ipcs 1 --paths loop/plain loop/fast
+    python benchmarks/bench_speed.py --shapes FashionMNIST --ipcs 10 --paths loop/plain loop/fast --interleave
 
 Prints a table (median, min-max, GFLOP/s, % of ceiling, peak memory, speed-up
 over loop/plain) and writes it as JSON (``--out``).
@@ -61,6 +64,7 @@ REFERENCE_S = {("iter", "DC", "FashionMNIST", 1): 5.40, ("iter", "DSA", "Fashion
                ("eval", "DC", "FashionMNIST", 1): 12.5, ("eval", "DC", "FashionMNIST", 10): 51.9,
                ("eval", "DSA", "FashionMNIST", 1): 23.8, ("test_pass", "-", "FashionMNIST", 1): 8.5}
 
+DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"     # the DSA iterations' (the reference's default)
 SHAPES = {"FashionMNIST": (1, (28, 28), 6000, 10000), "CIFAR10": (3, (32, 32), 5000, 10000)}
 
 
@@ -148,27 +152,96 @@ PATHS = ("loop/plain", "loop/fast", "batched/fast", "batched/plain")
 STRAIGHTFORWARD = "loop/plain"
 
 
-def run_case(case: dict) -> dict:
+def _setup(case: dict):
+    """Process-wide settings of a child (allocator, threads) and the case's data and device."""
     import torch
     from dcbs.perf import tune_allocator
-    from networks import set_ops
     tune_allocator()
-    set_ops(case["ops"])                    # every model this case builds
     if case.get("num_threads"):
         torch.set_num_threads(case["num_threads"])
     device = torch.device(case["device"])
-    data = _data(case["shape"], device)
-    kind, method, ipc, repeats = case["kind"], case["method"], case["ipc"], case["repeats"]
-    if kind == "iter":
-        times, flops, parts = _iteration(case, data, device, repeats)
-    else:
-        (times, flops), parts = _evaluation(case, data, device, repeats), {}
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+    return _data(case["shape"], device), device
+
+
+def _peak_mb(device) -> float:
+    import torch
+    return (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {**case, "times": times, "flops": flops, "peak_mb": peak, "threads": torch.get_num_threads(), **parts}
 
 
-def _iteration(case, data, device, repeats):
+def _repeats(case: dict, part: str) -> int:
+    """Timed repetitions of one part: the inner loop (ipc >= 10) gets half, it is the long one."""
+    return max(1, case["repeats"] // 2) if part == "inner" else case["repeats"]
+
+
+def case_fns(case: dict, data, device) -> tuple[dict, int]:
+    """What a case times, built and called with its own layers (``networks.ops``): ``{"iter": fn}``
+    (an iteration at ipc 1, a DM iteration, an evaluation, a test pass) or, for DC/DSA/BS at ipc >= 10,
+    ``{"match": one outer matching step, "inner": one inner loop}``; and the iteration's outer loop
+    count (1 where there is no composition). An iteration's callables carry the network and the
+    synthetic images they update (``.net``, ``.image_syn``). DSA iterations augment with
+    ``case["dsa_strategy"]`` (default ``DSA_STRATEGY``), other methods only when it is given."""
+    from networks import ops
+    with ops(case["ops"]):
+        if case["kind"] == "iter":
+            fns, outer = _iteration_fns(case, data, device)
+        else:
+            fns, outer = {"iter": _evaluation_fn(case, data, device)}, 1
+
+    def with_ops(fn):
+        def call():
+            with ops(case["ops"]):      # models built inside the call (evaluation) get the case's layers
+                fn()
+        call.__dict__.update(fn.__dict__)
+        return call
+    return {k: with_ops(fn) for k, fn in fns.items()}, outer
+
+
+def case_result(case: dict, times: dict, flops: dict, outer: int) -> dict:
+    """A case's timed repetitions and FLOPs; a composed iteration is ``outer x match + (outer - 1) x
+    inner``, each match repetition with the inner loop's median."""
+    if "iter" in times:
+        return {**case, "times": times["iter"], "flops": flops["iter"]}
+    mi, ii = statistics.median(times["match"]), statistics.median(times["inner"])
+    return {**case, "times": [outer * m + (outer - 1) * ii for m in times["match"]],
+            "flops": outer * flops["match"] + (outer - 1) * flops["inner"], "match_s": mi, "inner_loop_s": ii}
+
+
+def run_case(case: dict) -> dict:
+    """One case alone in this process: each part warmed up, timed, then its FLOPs counted."""
+    import torch
+    data, device = _setup(case)
+    fns, outer = case_fns(case, data, device)
+    times = {k: _timed(fn, device, _repeats(case, k)) for k, fn in fns.items()}
+    flops = {k: _flops(fn) for k, fn in fns.items()}
+    return {**case_result(case, times, flops, outer), "peak_mb": _peak_mb(device), "threads": torch.get_num_threads()}
+
+
+def run_group(cases: list[dict]) -> list[dict]:
+    """The paths of one (kind, method, shape, ipc) in this process, their repetitions interleaved
+    (path a, path b, ..., path a, ...), so that a machine whose speed drifts slows them alike. Each
+    part's FLOPs are counted on an untimed call, then every part gets one untimed warm-up outside
+    the counter (a compiled test pass compiles there). Peak memory is the process's, shared by the
+    group (``peak_shared``): run without --interleave for each path's own."""
+    import torch
+    data, device = _setup(cases[0])
+    built = [case_fns(c, data, device) for c in cases]
+    fns = {(i, k): fn for i, (parts, _) in enumerate(built) for k, fn in parts.items()}
+    flops = {key: _flops(fn) for key, fn in fns.items()}
+    for fn in fns.values():
+        fn()
+    times = {}
+    for part_is_inner in (False, True):
+        some = {key: fn for key, fn in fns.items() if (key[1] == "inner") == part_is_inner}
+        if some:
+            times.update(interleaved(some, device, _repeats(cases[0], "inner" if part_is_inner else "match")))
+    peak = _peak_mb(device)
+    return [{**case_result(c, {k: times[i, k] for k in parts}, {k: flops[i, k] for k in parts}, outer),
+             "peak_mb": peak, "peak_shared": True, "threads": torch.get_num_threads()}
+            for i, (c, (parts, outer)) in enumerate(zip(cases, built))]
+
+
+def _iteration_fns(case, data, device) -> tuple[dict, int]:
     import torch
     import dcbs.condense as cd
     from dcbs.augment import ParamDiffAug
@@ -177,7 +250,7 @@ def _iteration(case, data, device, repeats):
 
     method, ipc = case["method"], case["ipc"]
     base = "DC" if method == "BS" else method
-    dsa = "color_crop_cutout_flip_scale_rotate" if base == "DSA" else "none"
+    dsa = case.get("dsa_strategy") or (DSA_STRATEGY if base == "DSA" else "none")
     cfg = SimpleNamespace(ipc=ipc, batch_real=256, dsa_strategy=dsa, seed=0, dis_metric="ours", lr_net=0.01,
                           batch_train=256, kernel=case["kernel"], method=base)
     sampler = (ClusterSampler(_uneven_clusters(data), seed=2) if method == "BS"
@@ -185,44 +258,46 @@ def _iteration(case, data, device, repeats):
     net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
     image_syn = torch.randn(10 * ipc, data.channel, *data.im_size, device=device, requires_grad=True)
     label_syn = torch.arange(10, device=device).repeat_interleave(ipc)
-    opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
+    opt = torch.optim.SGD([image_syn], lr=1.0 if base == "DM" else 0.1, momentum=0.5)
     dsa_param = ParamDiffAug()
     step = cd.STEPS[base]
+    names = [n for n, _ in net.named_parameters()]
     state = {"it": 0}
 
+    def parts(fns: dict, outer: int) -> tuple[dict, int]:
+        for fn in fns.values():                       # what the parts update, for tests
+            fn.net, fn.image_syn = net, image_syn
+        return fns, outer
+
     def one_step():
-        names = [n for n, _ in net.named_parameters()]
         ctx = cd.StepContext(cfg, data, sampler, ClassSampler(data.indices_class, 3), 0, state["it"], device,
                              dsa_param, cd.Diagnostics(names))
         state["it"] += 1
         step(net, image_syn, label_syn, opt, ctx)
 
     outer, inner = cd.get_loops(ipc) if base != "DM" else (1, 0)
-    if outer == 1 or base == "DM":
-        return _timed(one_step, device, repeats), _flops(one_step), {}
+    if outer == 1:
+        return parts({"iter": one_step}, 1)
     # ipc >= 10: one matching step (loops patched to (1, 1)) and one inner loop, composed
-    real_get_loops = cd.get_loops
-    cd.get_loops = lambda _ipc: (1, 1)
-    try:
-        t_match = _timed(one_step, device, repeats)
-        f_match = _flops(one_step)
-    finally:
-        cd.get_loops = real_get_loops
+
+    def match():
+        real_get_loops = cd.get_loops
+        cd.get_loops = lambda _ipc: (1, 1)
+        try:
+            one_step()
+        finally:
+            cd.get_loops = real_get_loops
+
     opt_net = torch.optim.SGD(net.parameters(), lr=0.01)
     crit = torch.nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
 
     def inner_loop():
         cd.train_on_synthetic(net, opt_net, crit, image_syn, label_syn, cfg, inner, g, dsa_param)
-
-    t_inner = _timed(inner_loop, device, max(1, repeats // 2))
-    f_inner = _flops(inner_loop)
-    mi, ii = statistics.median(t_match), statistics.median(t_inner)
-    times = [outer * m + (outer - 1) * ii for m in t_match]
-    return times, outer * f_match + (outer - 1) * f_inner, {"match_s": mi, "inner_loop_s": ii}
+    return parts({"match": match, "inner": inner_loop}, outer)
 
 
-def _evaluation(case, data, device, repeats):
+def _evaluation_fn(case, data, device):
     import torch
     from dcbs.augment import ParamDiffAug
     from dcbs.evaluate import eval_settings_for, minibatches, test_accuracy, train_and_test
@@ -241,7 +316,7 @@ def _evaluation(case, data, device, repeats):
 
             def fn():
                 test_accuracy(net, data.images_test, data.labels_test, compiled=compiled)
-        return _timed(fn, device, repeats), _flops(fn)
+        return fn
     dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
     s = eval_settings_for("ConvNet", case["shape"], "ConvNet", ipc, dsa, 0.01, 256, None)
     x = torch.randn(10 * ipc, data.channel, *data.im_size, device=device)
@@ -251,7 +326,7 @@ def _evaluation(case, data, device, repeats):
         m = build_model("ConvNet", data.channel, 10, data.im_size).to(device)
         train_and_test(m, x, y, data.images_test, data.labels_test, s, torch.Generator().manual_seed(0),
                        ParamDiffAug())
-    return _timed(fn, device, repeats), _flops(fn)
+    return fn
 
 
 # --------------------------------------------------------------------------- parent side
@@ -299,12 +374,28 @@ def path_of(case: dict) -> str:
     return f"{case['kernel']}/{case['ops']}"
 
 
-def run_child(case: dict, timeout: int) -> dict:
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--_case", json.dumps(case)],
-                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_child(cases: list[dict], timeout: int) -> list[dict]:
+    """The cases in a child process of their own: one alone (``run_case``), several interleaved
+    (``run_group``)."""
+    arg = cases[0] if len(cases) == 1 else cases
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--_case", json.dumps(arg)],
+                       capture_output=True, text=True, timeout=timeout * len(cases), cwd=ROOT)
     if r.returncode != 0:
-        return {**case, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+        return [{**c, "error": err} for c in cases]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return out if isinstance(out, list) else [out]
+
+
+def units(cases: list[dict], interleave: bool) -> list[list[int]]:
+    """Indices of the cases each child process runs: one case each, or with ``interleave`` all paths
+    of one (kind, method, shape, ipc) together, in plan order."""
+    if not interleave:
+        return [[i] for i in range(len(cases))]
+    groups = {}
+    for i, c in enumerate(cases):
+        groups.setdefault((c["kind"], c["method"], c["shape"], c["ipc"]), []).append(i)
+    return list(groups.values())
 
 
 def summarise(results: list[dict], ceiling: float) -> list[dict]:
@@ -328,7 +419,7 @@ def summarise(results: list[dict], ceiling: float) -> list[dict]:
         rows.append({**row, "median_s": med, "min_s": min(r["times"]), "max_s": max(r["times"]),
                      "n": len(r["times"]), "gflop": r["flops"] / 1e9, "gflops_per_s": gflops,
                      "pct_ceiling": 100 * gflops / ceiling if ceiling else float("nan"),
-                     "peak_mb": r["peak_mb"], "threads": r["threads"],
+                     "peak_mb": r["peak_mb"], "peak_shared": r.get("peak_shared", False), "threads": r["threads"],
                      "speedup": base[key] / med if key in base else float("nan"),
                      "reference_s": ref})
     return rows
@@ -347,8 +438,12 @@ def print_table(rows, ceiling):
             print(lead + f"  error: {r['error']}")
             continue
         ref = f"{r['reference_s']:.1f}" if r["reference_s"] else "-"
+        peak = f"{r['peak_mb']:.0f}" + ("*" if r.get("peak_shared") else "")
         print(lead + f"{r['median_s']:>9.3f} {r['min_s']:>7.2f}-{r['max_s']:<7.2f}{r['gflops_per_s']:>9.1f}"
-              f"{r['pct_ceiling']:>6.0f}{r['peak_mb']:>9.0f}{r['speedup']:>8.2f}{ref:>7}")
+              f"{r['pct_ceiling']:>6.0f}{peak:>9}{r['speedup']:>8.2f}{ref:>7}")
+    if any(r.get("peak_shared") for r in rows):
+        print("* --interleave: one process ran all paths of the row's method/shape/ipc; its peak memory is theirs "
+              "together (run without --interleave for each path's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list of cases this many times in turn and pool each case's repetitions, "
                         "so that a machine whose speed drifts (a shared VM) slows every path alike")
+    p.add_argument("--interleave", action="store_true",
+                   help="run the paths of each (method, shape, ipc) in one process with their repetitions "
+                        "interleaved (path a, path b, ..., a, ...); peak memory is then shared by those paths")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation cases")
     p.add_argument("--compile_test", action="store_true",
@@ -377,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args._case:
-        print(json.dumps(run_case(json.loads(args._case))))
+        case = json.loads(args._case)
+        print(json.dumps(run_group(case) if isinstance(case, list) else run_case(case)))
         return 0
     if args.quick:
         args.shapes, args.ipcs, args.methods, args.repeats, args.no_eval = ["FashionMNIST"], [1], ["DC", "DM"], 1, True
@@ -399,16 +498,18 @@ def main(argv=None):
     print(f"{len(cases)} cases on {args.device}; fp32 ceiling {ceiling:.0f} GFLOP/s", flush=True)
     results = [None] * len(cases)
     for rnd in range(args.rounds):
-        for i, c in enumerate(cases):
-            r = run_child(c, args.timeout)
-            results[i] = r if results[i] is None else merge_rounds(results[i], r)
-            msg = r.get("error") or f"median {statistics.median(r['times']):.3f} s"
-            print(f"[round {rnd + 1}/{args.rounds}, {i + 1}/{len(cases)}] {c['kind']} {c['method']} {c['shape']} "
-                  f"ipc {c['ipc']} {path_of(c)}: {msg}", flush=True)
+        for unit in units(cases, args.interleave):
+            for i, r in zip(unit, run_child([cases[i] for i in unit], args.timeout)):
+                c = cases[i]
+                results[i] = r if results[i] is None else merge_rounds(results[i], r)
+                msg = r.get("error") or f"median {statistics.median(r['times']):.3f} s"
+                print(f"[round {rnd + 1}/{args.rounds}, {i + 1}/{len(cases)}] {c['kind']} {c['method']} {c['shape']} "
+                      f"ipc {c['ipc']} {path_of(c)}: {msg}", flush=True)
     rows = summarise(results, ceiling)
     print_table(rows, ceiling)
     import torch
     write_report(args.out, t0, {"rows": rows, "raw": results}, device=args.device, rounds=args.rounds,
+                 interleave=args.interleave,
                  gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, ceiling_gflops=ceiling,
                  argv=sys.argv[1:])
     return 0

@@ -61,6 +61,12 @@ def test_bench_reference_refuses_to_run_without_the_reference_code(tmp_path):
     r = subprocess.run([sys.executable, "benchmarks/bench_reference.py", "--reference_dir", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no utils.py" in r.stderr and "git clone" in r.stderr
+    # bad counts are refused before anything is imported or timed
+    (tmp_path / "utils.py").write_text("raise SystemExit('imported')\n")
+    r = subprocess.run([sys.executable, "benchmarks/bench_reference.py", "--reference_dir", str(tmp_path),
+                        "--ipcs", "1", "0", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--ipcs" in r.stderr and "imported" not in r.stderr
+    assert not out.exists()
 
 
 def test_bench_speed_times_the_straightforward_and_the_fast_path(tmp_path):
@@ -211,3 +217,32 @@ def test_bench_reference_runs_the_reference_parts_on_a_clone(monkeypatch):
                 fn()
     assert ref.DiffAugment.__module__ == ref.__name__          # the inner loop's wrapper is taken off
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_bench_speed_interleave_runs_the_paths_of_a_case_in_one_process(tmp_path):
+    bench = load_bench()
+    args = bench.build_parser().parse_args(["--shapes", "FashionMNIST", "--methods", "DC", "DM", "--ipcs", "1",
+                                            "--paths", "loop/plain", "loop/fast"])
+    cases = bench.plan(args)
+    groups = bench.units(cases, interleave=True)
+    assert [[(cases[i]["method"], bench.path_of(cases[i])) for i in g] for g in groups[:2]] == [
+        [("DC", "loop/plain"), ("DC", "loop/fast")], [("DM", "loop/plain"), ("DM", "loop/fast")]]
+    assert all(len({(cases[i]["kind"], cases[i]["method"], cases[i]["ipc"]) for i in g}) == 1 for g in groups)
+    assert all(len({bench.path_of(cases[i]) for i in g}) == len(g) for g in groups)
+    assert sorted(i for g in groups for i in g) == list(range(len(cases)))
+    assert bench.units(cases, interleave=False) == [[i] for i in range(len(cases))]
+    # a composed iteration: every match repetition with the inner loop's median
+    r = bench.case_result({"method": "DC"}, {"match": [1.0, 2.0, 3.0], "inner": [0.5, 0.7]},
+                          {"match": 10.0, "inner": 4.0}, outer=10)
+    assert r["times"] == [10 * m + 9 * 0.6 for m in (1.0, 2.0, 3.0)] and r["flops"] == 10 * 10.0 + 9 * 4.0
+    out = tmp_path / "speed.json"
+    p = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--shapes", "FashionMNIST", "--methods", "DM",
+                        "--ipcs", "1", "--repeats", "2", "--no_eval", "--num_threads", "1", "--interleave",
+                        "--paths", "loop/plain", "loop/fast", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [row["path"] for row in rows] == ["loop/plain", "loop/fast"] and [row["n"] for row in rows] == [2, 2]
+    assert all(row["peak_shared"] for row in rows) and rows[0]["peak_mb"] == rows[1]["peak_mb"]
+    assert report["meta"]["interleave"] is True and "--interleave: one process" in p.stdout
