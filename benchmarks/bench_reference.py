@@ -35,7 +35,10 @@ Both sides run with the same thread count and the allocator setting of
 gets one untimed warm-up, the run that counts its FLOPs (bench_speed's
 ``_flops``, ``torch.utils.flop_counter``; the compiled test pass one more, outside the
 counter: ``flops_and_warm_up``), then ``--repeats`` timed runs. The
-fp32 matmul ceiling comes from bench_speed's ``ceiling_gflops`` in the same run.
+fp32 matmul ceiling is read at the start (bench_speed's ``ceiling_gflops``) and, for each
+row, by five 2048x2048 matmuls timed in turn with the sides (``ceiling_probe``): the row's
+"% of ceiling" uses the median of those readings, so it sees the machine state the row saw
+(one start reading moved it by 30 % between runs here).
 ``--profile`` also runs ``torch.profiler`` on one more iteration of each side and
 prints the top ops by self CPU time side by side.
 
@@ -362,9 +365,10 @@ def summary(times: list, flops: float, ceiling: float) -> dict:
 
 def print_table(rows, ceiling, threads, repeats):
     print(f"\n{SHAPE} shape, ConvNet; {threads} threads; {repeats} timed repeats per side "
-          f"(+1 warm-up), interleaved; fp32 matmul ceiling {ceiling:.0f} GFLOP/s")
+          f"(+1 warm-up), interleaved; fp32 matmul ceiling {ceiling:.0f} GFLOP/s at the start, and per row "
+          f"(ceil) read between its repetitions, which %ceil uses")
     head = (f"{'method':<7}{'ipc':>4} {'side':<10}{'median s':>9} {'min-max':>17}{'GFLOP':>9}{'GFLOP/s':>9}{'%ceil':>6}"
-            f"{'ours/ref':>9}{'speed-up':>9}")
+            f"{'ceil':>6}{'ours/ref':>9}{'speed-up':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -374,7 +378,7 @@ def print_table(rows, ceiling, threads, repeats):
             ratio = f"{q:>9.2f}{1 / q:>8.2f}x" if q else ""
             name = "compiled" if side == "ours_compiled" else side
             print(f"{r['method']:<7}{r['ipc']:>4} {name:<10}{s['median_s']:>9.3f} {s['min_s']:>8.2f}-{s['max_s']:<8.2f}"
-                  f"{s['gflop']:>9.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{ratio}")
+                  f"{s['gflop']:>9.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{r['ceiling_gflops']:>6.0f}{ratio}")
             for part, ps in s.get("parts", {}).items():
                 print(f"{'':<12}{'  ' + part:<10}{ps['median_s']:>9.3f} {ps['min_s']:>8.2f}-{ps['max_s']:<8.2f}"
                       f"{ps['gflop']:>9.1f}{ps['gflops_per_s']:>9.1f}{ps['pct_ceiling']:>6.0f}")
@@ -450,7 +454,7 @@ def main(argv=None):
         return 2
 
     import torch
-    from bench_speed import _data, _flops, ceiling_gflops, interleaved, write_report  # it puts the repository on sys.path
+    from bench_speed import _data, _flops, ceiling_gflops, ceiling_probe, interleaved, write_report  # puts the repository on sys.path
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
     from dcbs.matching import get_loops
@@ -464,7 +468,8 @@ def main(argv=None):
         warnings.filterwarnings("ignore", message=msg)     # the reference's DiffAugment, every call
     device = torch.device("cpu")
     t0 = time.time()
-    ceiling = ceiling_gflops("cpu")
+    ceiling = start_ceiling = ceiling_gflops("cpu")
+    probe, probe_flops = ceiling_probe("cpu")
     data = _data(SHAPE, device)
     print(f"reference: {ref.__file__}; ours with --ops {args.ops}"
           f"{' (and with the compiled test pass)' if args.compile_test else ''}; {torch.get_num_threads()} threads; "
@@ -481,10 +486,14 @@ def main(argv=None):
             sides = {"ours": ours_iteration(method, data, device, args.dsa_strategy, ipc, args.ops),
                      "reference": reference_iteration(ref, method, data, args.dsa_strategy, ipc)}
         fns = {(side, part): fn for side, parts in sides.items() for part, fn in parts.items()}
+        fns["ceiling", "probe"] = probe
         flops = flops_and_warm_up(fns, _flops)
         times = interleaved(fns, device, args.repeats)
+        readings = [probe_flops / t / 1e9 for t in times["ceiling", "probe"]]
+        ceiling = statistics.median(readings)       # this row's, read between its repetitions
         row = {"method": method, "ipc": ipc, "shape": SHAPE,
-               "dsa_strategy": args.dsa_strategy if method in ("DSA", "DM") else "none"}
+               "dsa_strategy": args.dsa_strategy if method in ("DSA", "DM") else "none",
+               "ceiling_gflops": ceiling, "ceiling_readings": readings}
         for side, parts in sides.items():
             if "iter" in parts:
                 row[side] = summary(times[side, "iter"], flops[side, "iter"], ceiling)
@@ -505,12 +514,12 @@ def main(argv=None):
             profiles[f"{method} ipc {ipc}"] = {side: top_ops(parts.get("iter") or parts["match"])
                                                for side, parts in sides.items()}
 
-    print_table(rows, ceiling, torch.get_num_threads(), args.repeats)
+    print_table(rows, start_ceiling, torch.get_num_threads(), args.repeats)
     for method, prof in profiles.items():
         print_profile(method, prof)
     write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, compile_test=args.compile_test,
                  threads=torch.get_num_threads(),
-                 repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=ceiling, reference_dir=ref_dir,
+                 repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=start_ceiling, reference_dir=ref_dir,
                  reference_revision=git_revision(ref_dir), argv=sys.argv[1:] if argv is None else list(argv))
     return 0
 

@@ -222,7 +222,9 @@ def run_group(cases: list[dict]) -> list[dict]:
     (path a, path b, ..., path a, ...), so that a machine whose speed drifts slows them alike. Each
     part's FLOPs are counted on an untimed call, then every part gets one untimed warm-up outside
     the counter (a compiled test pass compiles there). Peak memory is the process's, shared by the
-    group (``peak_shared``): run without --interleave for each path's own."""
+    group (``peak_shared``): run without --interleave for each path's own. Five 2048x2048 matmuls
+    are timed in turn with the paths (``ceiling_probe``); the median reading is the group's
+    ceiling, which its rows' "% of ceiling" use."""
     import torch
     data, device = _setup(cases[0])
     built = [case_fns(c, data, device) for c in cases]
@@ -230,14 +232,20 @@ def run_group(cases: list[dict]) -> list[dict]:
     flops = {key: _flops(fn) for key, fn in fns.items()}
     for fn in fns.values():
         fn()
+    probe, probe_flops = ceiling_probe(cases[0]["device"])
+    probe()
     times = {}
     for part_is_inner in (False, True):
         some = {key: fn for key, fn in fns.items() if (key[1] == "inner") == part_is_inner}
         if some:
-            times.update(interleaved(some, device, _repeats(cases[0], "inner" if part_is_inner else "match")))
+            some[-1, "probe"] = probe
+            t = interleaved(some, device, _repeats(cases[0], "inner" if part_is_inner else "match"))
+            times.setdefault((-1, "probe"), []).extend(t.pop((-1, "probe")))
+            times.update(t)
+    ceiling = statistics.median(probe_flops / t / 1e9 for t in times[-1, "probe"])
     peak = _peak_mb(device)
     return [{**case_result(c, {k: times[i, k] for k in parts}, {k: flops[i, k] for k in parts}, outer),
-             "peak_mb": peak, "peak_shared": True, "threads": torch.get_num_threads()}
+             "peak_mb": peak, "peak_shared": True, "ceiling_gflops": ceiling, "threads": torch.get_num_threads()}
             for i, (c, (parts, outer)) in enumerate(zip(cases, built))]
 
 
@@ -339,6 +347,20 @@ def ceiling_gflops(device_name: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
+def ceiling_probe(device_name: str, n: int = 2048, calls: int = 5):
+    """A callable that runs ``calls`` fp32 n x n matmuls, and their FLOPs: timed in turn with the
+    work (``interleaved``), it reads the matmul ceiling in the machine state the work sees."""
+    import torch
+    device = torch.device(device_name)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+
+    def probe():
+        for _ in range(calls):
+            a @ b
+    return probe, calls * 2.0 * n ** 3
+
+
 def plan(args) -> list[dict]:
     paths = [p.split("/") for p in args.paths]
     cases = []
@@ -367,7 +389,10 @@ def merge_rounds(a: dict, b: dict) -> dict:
     """One case's results of two rounds: all timed repetitions, the larger peak memory."""
     if "error" in a or "error" in b:
         return a if "error" in a else b
-    return {**a, "times": a["times"] + b["times"], "peak_mb": max(a["peak_mb"], b["peak_mb"])}
+    out = {**a, "times": a["times"] + b["times"], "peak_mb": max(a["peak_mb"], b["peak_mb"])}
+    if "ceiling_gflops" in a and "ceiling_gflops" in b:          # --interleave: each round's own reading
+        out["ceiling_gflops"] = (a["ceiling_gflops"] + b["ceiling_gflops"]) / 2
+    return out
 
 
 def path_of(case: dict) -> str:
@@ -418,7 +443,8 @@ def summarise(results: list[dict], ceiling: float) -> list[dict]:
         ref = REFERENCE_S.get(key)
         rows.append({**row, "median_s": med, "min_s": min(r["times"]), "max_s": max(r["times"]),
                      "n": len(r["times"]), "gflop": r["flops"] / 1e9, "gflops_per_s": gflops,
-                     "pct_ceiling": 100 * gflops / ceiling if ceiling else float("nan"),
+                     "pct_ceiling": 100 * gflops / r.get("ceiling_gflops", ceiling) if ceiling else float("nan"),
+                     "ceiling_gflops": r.get("ceiling_gflops", ceiling),
                      "peak_mb": r["peak_mb"], "peak_shared": r.get("peak_shared", False), "threads": r["threads"],
                      "speedup": base[key] / med if key in base else float("nan"),
                      "reference_s": ref})
@@ -443,7 +469,8 @@ def print_table(rows, ceiling):
               f"{r['pct_ceiling']:>6.0f}{peak:>9}{r['speedup']:>8.2f}{ref:>7}")
     if any(r.get("peak_shared") for r in rows):
         print("* --interleave: one process ran all paths of the row's method/shape/ipc; its peak memory is theirs "
-              "together (run without --interleave for each path's own)")
+              "together (run without --interleave for each path's own), and its %ceil uses the ceiling read "
+              "between their repetitions")
 
 
 def build_parser() -> argparse.ArgumentParser:

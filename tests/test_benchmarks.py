@@ -245,4 +245,7 @@ def test_bench_speed_interleave_runs_the_paths_of_a_case_in_one_process(tmp_path
     rows = report["rows"]
     assert [row["path"] for row in rows] == ["loop/plain", "loop/fast"] and [row["n"] for row in rows] == [2, 2]
     assert all(row["peak_shared"] for row in rows) and rows[0]["peak_mb"] == rows[1]["peak_mb"]
+    # the ceiling read between the group's repetitions, shared by its rows and used for their %ceil
+    assert rows[0]["ceiling_gflops"] == rows[1]["ceiling_gflops"] > 0
+    assert abs(rows[0]["pct_ceiling"] - 100 * rows[0]["gflops_per_s"] / rows[0]["ceiling_gflops"]) < 1e-9
     assert report["meta"]["interleave"] is True and "--interleave: one process" in p.stdout
