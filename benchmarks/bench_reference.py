@@ -5,8 +5,8 @@ pass (TEST) and one whole evaluation at ipc 1 (EVAL: 300 epochs on 10 images, th
 test pass) on FashionMNIST-shaped random data (1x28x28, 10 classes, 6000 images per
 class, 10,000 test images, ConvNet) two ways, interleaved (ours, reference, ours,
 reference, ...) so that both see the same machine state. A DC/DSA iteration at ipc 10
-(10 synthetic updates with a 50-epoch inner loop between each two: about 2.5 minutes on
-the reference) is timed in its two parts, one synthetic update and one inner loop, each
+(10 synthetic updates with a 50-epoch inner loop between each two: 4-5 minutes on the
+reference on a 2-core CPU) is timed in its two parts, one synthetic update and one inner loop, each
 side's parts interleaved with the other's, and each repetition composed as
 ``10 x update + 9 x inner loop`` (``compose``); the parts' figures are reported too.
 
@@ -48,8 +48,8 @@ prints the top ops by self CPU time side by side.
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --ops plain
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC DSA DM --ipcs 10
 
-The default run (DC, DSA, DM at ipc 1 and 10, TEST, EVAL; 5 repetitions) takes about
-25 minutes on a 2-core CPU.
+On a 2-core CPU, DC, DSA, DM at ipc 1 and 10 and TEST with 5 repetitions took 19 minutes;
+the default run adds EVAL (a few minutes more).
 
 The figures mean something only on an otherwise idle machine.
 """
