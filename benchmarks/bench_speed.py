@@ -9,7 +9,8 @@ and Batch Sampling along several *paths*, and the per-model evaluation cost
   measured against it.
 * ``loop/fast`` - the default: the same loop with the fast layers (``--ops fast``:
   2x2 average pooling as strided sums, ``networks.AvgPool2x2``).
-* ``batched/fast`` - all classes in one vmapped pass (``--kernel batched``).
+* ``batched/fast`` - all classes in one vmapped pass (``--kernel batched``); in the default
+  paths on CUDA only (on the CPU it is 2-4x slower and would double the run's time).
 
 For the test pass ``loop`` is the reference's loop (batches of 256 under
 ``no_grad``) and ``batched`` our ``test_accuracy``; with ``--compile_test`` a
@@ -28,7 +29,7 @@ peak memory (RSS; GPU memory on CUDA) is its own (the group's).
 For ipc 10 the iteration is 10 outer matching steps and 9 x 50 inner training
 steps; the benchmark times one matching step and one inner loop of 50 steps and
 composes ``10 * match + 9 * inner`` (the inner loop is the same code for every
-kernel). FLOPs come from ``torch.utils.flop_counter`` on one untimed repetition;
+kernel). FLOPs come from ``torch.utils.flop_counter`` on one untimed call, the warm-up;
 the CPU ceiling is the fp32 rate of a 2048x2048 matmul measured in the same run.
 
     python benchmarks/bench_speed.py                       # the full table (~20-30 min on 2 cores)
@@ -104,8 +105,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int):
-    fn()                                   # warm-up (allocator, oneDNN primitives, CUDA context)
+def _timed(fn, device, repeats: int, warm_up: bool = True):
+    if warm_up:
+        fn()                               # warm-up (allocator, oneDNN primitives, CUDA context)
     _sync(device)
     ts = []
     for _ in range(repeats):
@@ -149,6 +151,7 @@ def _flops(fn) -> float:
 
 
 PATHS = ("loop/plain", "loop/fast", "batched/fast", "batched/plain")
+DEFAULT_PATHS = {"cpu": ["loop/plain", "loop/fast"], "cuda": ["loop/plain", "loop/fast", "batched/fast"]}
 STRAIGHTFORWARD = "loop/plain"
 
 
@@ -208,12 +211,16 @@ def case_result(case: dict, times: dict, flops: dict, outer: int) -> dict:
 
 
 def run_case(case: dict) -> dict:
-    """One case alone in this process: each part warmed up, timed, then its FLOPs counted."""
+    """One case alone in this process: each part's FLOPs counted on an untimed call, which is also
+    its warm-up (a compiled test pass gets one more call outside the counter, where it compiles),
+    then its repetitions timed."""
     import torch
     data, device = _setup(case)
     fns, outer = case_fns(case, data, device)
-    times = {k: _timed(fn, device, _repeats(case, k)) for k, fn in fns.items()}
-    flops = {k: _flops(fn) for k, fn in fns.items()}
+    times, flops = {}, {}
+    for k, fn in fns.items():
+        flops[k] = _flops(fn)
+        times[k] = _timed(fn, device, _repeats(case, k), warm_up=case["kernel"] == "compiled")
     return {**case_result(case, times, flops, outer), "peak_mb": _peak_mb(device), "threads": torch.get_num_threads()}
 
 
@@ -362,7 +369,7 @@ def ceiling_probe(device_name: str, n: int = 2048, calls: int = 5):
 
 
 def plan(args) -> list[dict]:
-    paths = [p.split("/") for p in args.paths]
+    paths = [p.split("/") for p in (args.paths or DEFAULT_PATHS[args.device])]
     cases = []
     for shape in args.shapes:
         for ipc in args.ipcs:
@@ -479,8 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", default=["FashionMNIST", "CIFAR10"], choices=list(SHAPES))
     p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM", "BS"], choices=["DC", "DSA", "DM", "BS"])
     p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10])
-    p.add_argument("--paths", nargs="+", default=["loop/plain", "loop/fast", "batched/fast"], choices=PATHS,
-                   help=f"kernel/layers combinations; speed-ups are over {STRAIGHTFORWARD}, the straightforward path")
+    p.add_argument("--paths", nargs="+", default=None, choices=PATHS,
+                   help=f"kernel/layers combinations; speed-ups are over {STRAIGHTFORWARD}, the straightforward path "
+                        f"(default: {' '.join(DEFAULT_PATHS['cpu'])} on the CPU, where the batched kernel is 2-4x "
+                        f"slower, and also batched/fast on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (after one warm-up)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list of cases this many times in turn and pool each case's repetitions, "

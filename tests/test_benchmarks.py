@@ -130,6 +130,15 @@ def test_gpu_check_script_lists_commands_that_parse(tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())   # a dry run writes nothing
 
 
+def test_bench_speed_default_paths_leave_the_batched_kernel_to_cuda():
+    bench = load_bench()
+    paths = lambda argv: {bench.path_of(c) for c in bench.plan(bench.build_parser().parse_args(argv))
+                          if c["kind"] == "iter"}
+    assert paths([]) == {"loop/plain", "loop/fast"}
+    assert paths(["--device", "cuda"]) == {"loop/plain", "loop/fast", "batched/fast"}
+    assert paths(["--paths", "loop/plain", "batched/fast"]) == {"loop/plain", "batched/fast"}
+
+
 def test_bench_speed_compile_test_adds_a_compiled_test_pass_and_needs_the_evaluation():
     bench = load_bench()
     argv = ["--shapes", "FashionMNIST", "--ipcs", "2", "--methods", "DM", "--paths", "loop/plain", "loop/fast"]
