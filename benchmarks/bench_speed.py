@@ -32,7 +32,7 @@ composes ``10 * match + 9 * inner`` (the inner loop is the same code for every
 kernel). FLOPs come from ``torch.utils.flop_counter`` on one untimed call, the warm-up;
 the CPU ceiling is the fp32 rate of a 2048x2048 matmul measured in the same run.
 
-    python benchmarks/bench_speed.py                       # the full table (~20-30 min on 2 cores)
+    python benchmarks/bench_speed.py                       # the full table (35 min on 2 cores)
     python benchmarks/bench_speed.py --quick               # a minute: tiny repeats, to check it runs
     python benchmarks/bench_speed.py --device cuda --ipcs 1 10 50
     python benchmarks/bench_speed.py --shapes FashionMNIST --ipcs 1 --paths loop/plain loop/fast
