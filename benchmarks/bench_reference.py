@@ -8,7 +8,8 @@ reference, ...) so that both see the same machine state. A DC/DSA iteration at i
 (10 synthetic updates with a 50-epoch inner loop between each two: 4-5 minutes on the
 reference on a 2-core CPU) is timed in its two parts, one synthetic update and one inner loop, each
 side's parts interleaved with the other's, and each repetition composed as
-``10 x update + 9 x inner loop`` (``compose``); the parts' figures are reported too.
+``10 x update + 9 x inner loop`` (bench_speed's ``compose``, paired); the parts' figures are
+reported too.
 
 * ours: the ``loop`` kernel through ``dcbs.condense``'s step, driven as
   ``bench_speed.py`` drives one iteration (a network built once, a fresh
@@ -34,7 +35,7 @@ Both sides run with the same thread count and the allocator setting of
 ``dcbs.perf.tune_allocator`` (process-wide, as bench_speed.py's cases). Each side
 gets one untimed warm-up, the run that counts its FLOPs (bench_speed's
 ``_flops``, ``torch.utils.flop_counter``; the compiled test pass one more, outside the
-counter: ``flops_and_warm_up``), then ``--repeats`` timed runs. The
+counter: bench_speed's ``flops_and_warm_up``), then ``--repeats`` timed runs. The
 fp32 matmul ceiling is read at the start (bench_speed's ``ceiling_gflops``) and, for each
 row, by five 2048x2048 matmuls timed in turn with the sides (``ceiling_probe``): the row's
 "% of ceiling" uses the median of those readings, so it sees the machine state the row saw
@@ -66,6 +67,7 @@ import warnings
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_speed, beside this file
+from bench_speed import compose, flops_and_warm_up  # noqa: E402  (the rules bench_speed.py times by)
 
 CLONE = "git clone https://github.com/VICO-UoE/DatasetCondensation"
 SHAPE = "FashionMNIST"
@@ -109,17 +111,6 @@ def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC,
     case = dict(kind="iter", method=method, shape=SHAPE, ipc=ipc, kernel="loop", ops=layers,
                 dsa_strategy=dsa_strategy if method != "DC" else "none")
     return case_fns(case, data, device)[0]
-
-
-def compose(parts: dict, outer: int) -> tuple[list, float]:
-    """Seconds and FLOPs of one whole iteration from its parts' timed repetitions: a DC/DSA
-    iteration is ``outer`` synthetic updates with an inner loop between each two (main.py breaks
-    after the last update), so repetition i counts ``outer * match_i + (outer - 1) * inner_i``.
-    ``parts`` maps "match" and "inner" to ``(times, flops)``."""
-    (tm, fm), (ti, fi) = parts["match"], parts["inner"]
-    if len(tm) != len(ti):
-        raise ValueError(f"{len(tm)} match and {len(ti)} inner-loop repetitions: time them in the same rounds")
-    return [outer * m + (outer - 1) * i for m, i in zip(tm, ti)], outer * fm + (outer - 1) * fi
 
 
 def _one_image_param(ref):
@@ -332,20 +323,6 @@ def reference_evaluation(ref, kind: str, data):
 
 
 # --------------------------------------------------------------------------- measuring
-def flops_and_warm_up(fns: dict, count_flops) -> dict:
-    """FLOPs of each side, counted on its untimed warm-up call; the compiled side gets one more
-    untimed call. A call under the FLOP counter does not leave the compiled test pass compiled for
-    the calls after it: the next call compiles (measured: 4.2 s under the counter, then 2.9 s, then
-    0.7 s on 1000 images with a warm inductor cache; with a cold one the first timed repetition
-    took 29.7 s against 7-9 s for the others), so without this call compilation lands in the first
-    timed repetition."""
-    flops = {k: count_flops(fn) for k, fn in fns.items()}
-    for k, fn in fns.items():                         # keys: a side, or (side, part)
-        if (k[0] if isinstance(k, tuple) else k) == "ours_compiled":
-            fn()
-    return flops
-
-
 def top_ops(fn, n: int = TOP_OPS) -> dict:
     """One call under torch.profiler: the n ops with the most self CPU time, and the total."""
     from torch.profiler import ProfilerActivity, profile
@@ -454,7 +431,7 @@ def main(argv=None):
         return 2
 
     import torch
-    from bench_speed import _data, _flops, ceiling_gflops, ceiling_probe, interleaved, write_report  # puts the repository on sys.path
+    from bench_speed import _data, ceiling_gflops, ceiling_probe, interleaved, write_report  # puts the repository on sys.path
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
     from dcbs.matching import get_loops
@@ -487,7 +464,7 @@ def main(argv=None):
                      "reference": reference_iteration(ref, method, data, args.dsa_strategy, ipc)}
         fns = {(side, part): fn for side, parts in sides.items() for part, fn in parts.items()}
         fns["ceiling", "probe"] = probe
-        flops = flops_and_warm_up(fns, _flops)
+        flops = flops_and_warm_up(fns, compiled=lambda key: key[0] == "ours_compiled")
         times = interleaved(fns, device, args.repeats)
         readings = [probe_flops / t / 1e9 for t in times["ceiling", "probe"]]
         ceiling = statistics.median(readings)       # this row's, read between its repetitions

@@ -200,45 +200,67 @@ def case_fns(case: dict, data, device) -> tuple[dict, int]:
     return {k: with_ops(fn) for k, fn in fns.items()}, outer
 
 
+def compose(parts: dict, outer: int, paired: bool = True) -> tuple[list, float]:
+    """Seconds and FLOPs of one whole DC/DSA iteration from its parts: ``outer`` synthetic updates
+    with an inner loop between each two (main.py breaks after the last update). ``parts`` maps
+    "match" and "inner" to ``(times, flops)``. ``paired``: repetition i counts ``outer * match_i +
+    (outer - 1) * inner_i`` (parts timed in the same rounds, as bench_reference.py times them);
+    otherwise every match repetition is counted with the inner loop's median (the inner loop timed
+    half as often, as here: ``_repeats``)."""
+    (tm, fm), (ti, fi) = parts["match"], parts["inner"]
+    if paired and len(tm) != len(ti):
+        raise ValueError(f"{len(tm)} match and {len(ti)} inner-loop repetitions: time them in the same rounds")
+    inner = ti if paired else [statistics.median(ti)] * len(tm)
+    return [outer * m + (outer - 1) * i for m, i in zip(tm, inner)], outer * fm + (outer - 1) * fi
+
+
 def case_result(case: dict, times: dict, flops: dict, outer: int) -> dict:
-    """A case's timed repetitions and FLOPs; a composed iteration is ``outer x match + (outer - 1) x
-    inner``, each match repetition with the inner loop's median."""
+    """A case's timed repetitions and FLOPs; a composed iteration (``compose``, unpaired) also
+    reports its parts' medians."""
     if "iter" in times:
         return {**case, "times": times["iter"], "flops": flops["iter"]}
-    mi, ii = statistics.median(times["match"]), statistics.median(times["inner"])
-    return {**case, "times": [outer * m + (outer - 1) * ii for m in times["match"]],
-            "flops": outer * flops["match"] + (outer - 1) * flops["inner"], "match_s": mi, "inner_loop_s": ii}
+    t, f = compose({k: (times[k], flops[k]) for k in ("match", "inner")}, outer, paired=False)
+    return {**case, "times": t, "flops": f, "match_s": statistics.median(times["match"]),
+            "inner_loop_s": statistics.median(times["inner"])}
+
+
+def flops_and_warm_up(fns: dict, compiled=lambda key: False) -> dict:
+    """FLOPs of each callable, counted on an untimed call that is also its warm-up; those that
+    ``compiled(key)`` marks get one more untimed call. A call under the FLOP counter does not leave
+    a compiled test pass compiled for the calls after it: the next call compiles (measured: 4.2 s
+    under the counter, then 2.9 s, then 0.7 s on 1000 images with a warm inductor cache; with a
+    cold one the first timed repetition took 29.7 s against 7-9 s for the others), so without that
+    call compilation lands in the first timed repetition."""
+    flops = {k: _flops(fn) for k, fn in fns.items()}
+    for k, fn in fns.items():
+        if compiled(k):
+            fn()
+    return flops
 
 
 def run_case(case: dict) -> dict:
-    """One case alone in this process: each part's FLOPs counted on an untimed call, which is also
-    its warm-up (a compiled test pass gets one more call outside the counter, where it compiles),
-    then its repetitions timed."""
+    """One case alone in this process: each part's FLOPs counted on its warm-up call
+    (``flops_and_warm_up``), then its repetitions timed."""
     import torch
     data, device = _setup(case)
     fns, outer = case_fns(case, data, device)
-    times, flops = {}, {}
-    for k, fn in fns.items():
-        flops[k] = _flops(fn)
-        times[k] = _timed(fn, device, _repeats(case, k), warm_up=case["kernel"] == "compiled")
+    flops = flops_and_warm_up(fns, compiled=lambda k: case["kernel"] == "compiled")
+    times = {k: _timed(fn, device, _repeats(case, k), warm_up=False) for k, fn in fns.items()}
     return {**case_result(case, times, flops, outer), "peak_mb": _peak_mb(device), "threads": torch.get_num_threads()}
 
 
 def run_group(cases: list[dict]) -> list[dict]:
     """The paths of one (kind, method, shape, ipc) in this process, their repetitions interleaved
     (path a, path b, ..., path a, ...), so that a machine whose speed drifts slows them alike. Each
-    part's FLOPs are counted on an untimed call, then every part gets one untimed warm-up outside
-    the counter (a compiled test pass compiles there). Peak memory is the process's, shared by the
-    group (``peak_shared``): run without --interleave for each path's own. Five 2048x2048 matmuls
-    are timed in turn with the paths (``ceiling_probe``); the median reading is the group's
-    ceiling, which its rows' "% of ceiling" use."""
+    part's FLOPs are counted on its warm-up call (``flops_and_warm_up``). Peak memory is the
+    process's, shared by the group (``peak_shared``): run without --interleave for each path's own.
+    Five 2048x2048 matmuls are timed in turn with the paths (``ceiling_probe``); the median reading
+    is the group's ceiling, which its rows' "% of ceiling" use."""
     import torch
     data, device = _setup(cases[0])
     built = [case_fns(c, data, device) for c in cases]
     fns = {(i, k): fn for i, (parts, _) in enumerate(built) for k, fn in parts.items()}
-    flops = {key: _flops(fn) for key, fn in fns.items()}
-    for fn in fns.values():
-        fn()
+    flops = flops_and_warm_up(fns, compiled=lambda key: cases[key[0]]["kernel"] == "compiled")
     probe, probe_flops = ceiling_probe(cases[0]["device"])
     probe()
     times = {}

@@ -23,7 +23,7 @@ def test_bench_reference_compiles_outside_the_flop_counter():
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     calls = {"ours": [], "ours_compiled": []}
     fns = {k: (lambda k=k: calls[k].append(_get_current_dispatch_mode() is None)) for k in calls}
-    flops = load_bench("bench_reference").flops_and_warm_up(fns, load_bench()._flops)
+    flops = load_bench("bench_reference").flops_and_warm_up(fns, compiled=lambda k: k == "ours_compiled")
     assert set(flops) == {"ours", "ours_compiled"}
     assert calls == {"ours": [False], "ours_compiled": [False, True]}
 
@@ -240,7 +240,9 @@ def test_bench_speed_interleave_runs_the_paths_of_a_case_in_one_process(tmp_path
     assert all(len({bench.path_of(cases[i]) for i in g}) == len(g) for g in groups)
     assert sorted(i for g in groups for i in g) == list(range(len(cases)))
     assert bench.units(cases, interleave=False) == [[i] for i in range(len(cases))]
-    # a composed iteration: every match repetition with the inner loop's median
+    # a composed iteration: every match repetition with the inner loop's median (unpaired compose)
+    assert bench.compose({"match": ([1.0, 3.0], 2.0), "inner": ([0.5, 0.6, 0.7], 1.0)}, 2, paired=False) == (
+        [2 * 1.0 + 0.6, 2 * 3.0 + 0.6], 2 * 2.0 + 1.0)
     r = bench.case_result({"method": "DC"}, {"match": [1.0, 2.0, 3.0], "inner": [0.5, 0.7]},
                           {"match": 10.0, "inner": 4.0}, outer=10)
     assert r["times"] == [10 * m + 9 * 0.6 for m in (1.0, 2.0, 3.0)] and r["flops"] == 10 * 10.0 + 9 * 4.0
