@@ -130,6 +130,67 @@ def test_fused_block_only_where_it_holds():
     assert block.to("meta")(torch.randn(2, 1, 6, 6, device="meta")).shape == (2, 16, 6, 6)   # plain path
 
 
+def _pair(model, channel, im_size, dtype=torch.float64):
+    torch.manual_seed(3)
+    plain = build_model(model, channel, 10, im_size, layers="plain").to(dtype)
+    fast = build_model(model, channel, 10, im_size, layers="fast").to(dtype)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+@pytest.mark.parametrize("model,channel,im_size", [("ConvNet", 1, (28, 28)), ("ConvNet", 3, (32, 32)),
+                                                   ("ConvNetD4", 3, (32, 32)), ("ConvNetNN", 1, (28, 28)),
+                                                   ("ConvNetAS", 3, (30, 30)), ("ConvNetAL", 3, (32, 32)),
+                                                   ("ConvNetNP", 1, (28, 28)), ("ConvNetW32", 3, (32, 32))])
+def test_channels_last_inference_is_the_plain_layers(model, channel, im_size):
+    """Without a gradient (inference mode, no_grad, or frozen weights and input as DM's real side)
+    the fast blocks after the first run channels-last: the same logits and block outputs as the
+    plain layers (float64: 1e-12), including odd maps (30x30 -> 15 -> 7) and no norm/no pooling."""
+    plain, fast = _pair(model, channel, im_size)
+    assert all(b.nhwc for b in fast.blocks[1:]) and not any(b.nhwc for b in plain.blocks)
+    x = torch.randn(5, channel, *im_size, dtype=torch.float64)
+    want, want_feats = plain(x)
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            got, feats = fast(x)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+        for f, w in zip(feats, want_feats):
+            torch.testing.assert_close(f, w.detach(), rtol=1e-12, atol=1e-12)
+        assert feats[-1].is_contiguous(memory_format=torch.channels_last) and not feats[-1].is_contiguous()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    emb, (_, feats) = fast.embed(x), fast(x)                # grad mode on, nothing to differentiate
+    assert feats[-1].is_contiguous(memory_format=torch.channels_last) and not emb.requires_grad
+    torch.testing.assert_close(emb, plain.embed(x).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_only_where_no_gradient_is_needed():
+    """A call that needs a gradient (the weights' or the input's) runs the layers in order in NCHW
+    (oneDNN's channels-last weight gradient is the slower one), and its gradients are the plain
+    layers'; the float32 inference logits agree with the plain layers' to rounding."""
+    plain, fast = _pair("ConvNet", 3, (32, 32))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    _, feats = fast(x)
+    assert all(f.is_contiguous() for f in feats)
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    out, feats = fast(xg)
+    assert all(f.is_contiguous() for f in feats)
+    (gx,) = torch.autograd.grad(out.square().sum(), xg)
+    xp = x.clone().requires_grad_(True)
+    (gp,) = torch.autograd.grad(plain(xp)[0].square().sum(), xp)
+    torch.testing.assert_close(gx, gp, rtol=1e-10, atol=1e-12)
+    plain32, fast32 = _pair("ConvNet", 1, (28, 28), torch.float32)
+    x32 = torch.randn(64, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast32(x32)[0], plain32(x32)[0], rtol=1e-4, atol=1e-5)
+    assert not build_model("ConvNetBN", 3, 10, (32, 32)).blocks[1].nhwc        # batch norm: layers in order
+    assert not build_model("ConvNetMP", 3, 10, (32, 32)).blocks[1].nhwc        # max pooling: layers in order
+    assert "nhwc_inference=True" in repr(fast.blocks[1])
+    assert fast.to("meta")(x.to("meta"))[0].shape == (4, 10)                   # other devices: in order
+
+
 def _grads(model, layers, dtype, x, y):
     torch.manual_seed(1)
     net = build_model(model, 1, 10, (28, 28), layers=layers).to(dtype)
