@@ -106,8 +106,9 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
       help="per-class gradients: loop (one class at a time, as the protocol reads; default) or batched "
            "(all classes in one vmapped pass; same result up to rounding)")
     a("--ops", choices=list(OPS),
-      help="layers with a faster CPU equivalent (2x2 average pooling): fast (default) or plain (torch's "
-           "modules, as the reference code; same result up to rounding)")
+      help="layers with a faster CPU equivalent (ConvNet's 2x2 average pooling, its first block as one matmul "
+           "per sample, later blocks channels-last where no gradient is needed): fast (default) or plain "
+           "(torch's modules, as the reference code; same result up to rounding)")
     a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")
     if batch_sampling:
         a("--layer_idx", type=int, help="feature layer the clusters were made from (default 3)")
