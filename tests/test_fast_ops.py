@@ -97,6 +97,21 @@ def test_fused_conv_instance_norm_is_the_plain_layers(cin, hw, pad, act):
     assert torch.equal(g_bias, torch.zeros_like(g_bias))
 
 
+def test_fused_conv_instance_norm_channels_last_output():
+    """``channels_last=True`` takes the matmul the other way round: the same map (float64), with
+    channels-last strides, and the same gradients."""
+    conv, norm = _conv_norm(3, 1)
+    x = torch.randn(4, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    want = conv_instance_norm(x, conv, norm, torch.nn.ReLU())
+    got = conv_instance_norm(x, conv, norm, torch.nn.ReLU(), channels_last=True)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    gw = torch.autograd.grad(want.square().sum(), [x, conv.weight])
+    gg = torch.autograd.grad(got.square().sum(), [x, conv.weight])
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_fused_conv_instance_norm_double_backward_and_vmap():
     """The synthetic side differentiates the gradient (create_graph), and the batched kernel takes
     per-class gradients with vmap(grad): both go through the fused block."""
@@ -157,6 +172,8 @@ def test_channels_last_inference_is_the_plain_layers(model, channel, im_size):
         for f, w in zip(feats, want_feats):
             torch.testing.assert_close(f, w.detach(), rtol=1e-12, atol=1e-12)
         assert feats[-1].is_contiguous(memory_format=torch.channels_last) and not feats[-1].is_contiguous()
+        if fast.blocks[0].fuse:                         # the fused first block feeds them channels-last
+            assert fast.blocks[0].channels_last_out and not feats[0].is_contiguous()
     for p in fast.parameters():
         p.requires_grad_(False)
     emb, (_, feats) = fast.embed(x), fast(x)                # grad mode on, nothing to differentiate
@@ -186,7 +203,10 @@ def test_channels_last_only_where_no_gradient_is_needed():
     with torch.inference_mode():
         torch.testing.assert_close(fast32(x32)[0], plain32(x32)[0], rtol=1e-4, atol=1e-5)
     assert not build_model("ConvNetBN", 3, 10, (32, 32)).blocks[1].nhwc        # batch norm: layers in order
-    assert not build_model("ConvNetMP", 3, 10, (32, 32)).blocks[1].nhwc        # max pooling: layers in order
+    mp = build_model("ConvNetMP", 3, 10, (32, 32))                        # max pooling: layers in order,
+    assert not mp.blocks[1].nhwc and not mp.blocks[0].channels_last_out    # and NCHW out of the fused block
+    with torch.inference_mode():
+        assert all(f.is_contiguous() for f in mp(torch.randn(2, 3, 32, 32))[1])
     assert "nhwc_inference=True" in repr(fast.blocks[1])
     assert fast.to("meta")(x.to("meta"))[0].shape == (4, 10)                   # other devices: in order
 
