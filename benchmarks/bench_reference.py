@@ -67,7 +67,8 @@ import warnings
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_speed, beside this file
-from bench_speed import compose, flops_and_warm_up  # noqa: E402  (the rules bench_speed.py times by)
+from bench_speed import (_data, case_fns, ceiling_gflops, ceiling_probe, compose, flops_and_warm_up,  # noqa: E402
+                         interleaved, write_report)   # bench_speed's rules and helpers; it puts the repository on sys.path
 
 CLONE = "git clone https://github.com/VICO-UoE/DatasetCondensation"
 SHAPE = "FashionMNIST"
@@ -107,7 +108,6 @@ def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC,
     synthetic update, "inner": one inner loop}`` (see ``compose``): the step with its loops set to
     (1, 1), and ``condense.train_on_synthetic``, the step's own inner loop. DSA and DM augment with
     ``dsa_strategy``."""
-    from bench_speed import case_fns
     case = dict(kind="iter", method=method, shape=SHAPE, ipc=ipc, kernel="loop", ops=layers,
                 dsa_strategy=dsa_strategy if method != "DC" else "none")
     return case_fns(case, data, device)[0]
@@ -431,7 +431,6 @@ def main(argv=None):
         return 2
 
     import torch
-    from bench_speed import _data, ceiling_gflops, ceiling_probe, interleaved, write_report  # puts the repository on sys.path
     from dcbs.perf import tune_allocator
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
     from dcbs.matching import get_loops
