@@ -155,9 +155,10 @@ def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | 
     ho, wo = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
     patches = F.unfold(x, (kh, kw), padding=(ph, pw))                       # [n, K, L]
     centred = patches - patches.mean(-1, keepdim=True)
-    cov = centred @ centred.transpose(1, 2) / centred.shape[-1]             # [n, K, K]
-    w = conv.weight.flatten(1)                                              # [C, K]
-    var = ((w @ cov) * w).sum(-1)                                           # [n, C]
+    with torch.autocast(x.device.type, enabled=False):                      # statistics in full precision
+        cov = centred @ centred.transpose(1, 2) / centred.shape[-1]         # [n, K, K]
+        w = conv.weight.flatten(1)                                          # [C, K]
+        var = ((w @ cov) * w).sum(-1)                                       # [n, C]
     scale = norm.weight * torch.rsqrt(var + norm.eps)
     shift = norm.bias if conv.bias is None else norm.bias + (conv.bias - conv.bias)
     lhs = torch.cat([scale.unsqueeze(-1) * w, shift.expand(n, -1).unsqueeze(-1)], dim=-1)

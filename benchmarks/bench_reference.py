@@ -101,14 +101,15 @@ def load_reference(reference_dir: str):
     return ref
 
 
-def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC, layers: str = "fast") -> dict:
+def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC, layers: str = "fast",
+                   precision: str = "fp32") -> dict:
     """Our step with the ``loop`` kernel, built by bench_speed.py's ``case_fns`` (a network built
     once, a fresh ``StepContext`` per iteration): ``{"iter": fn}`` (one whole iteration: ipc 1, and
     DM at any ipc) or, for DC/DSA at ipc > 1, the two parts an iteration is made of, ``{"match": one
     synthetic update, "inner": one inner loop}`` (see ``compose``): the step with its loops set to
     (1, 1), and ``condense.train_on_synthetic``, the step's own inner loop. DSA and DM augment with
-    ``dsa_strategy``."""
-    case = dict(kind="iter", method=method, shape=SHAPE, ipc=ipc, kernel="loop", ops=layers,
+    ``dsa_strategy``; ``precision`` is the scripts' ``--precision``."""
+    case = dict(kind="iter", method=method, shape=SHAPE, ipc=ipc, kernel="loop", ops=layers, precision=precision,
                 dsa_strategy=dsa_strategy if method != "DC" else "none")
     return case_fns(case, data, device)[0]
 
@@ -349,11 +350,11 @@ def print_table(rows, ceiling, threads, repeats):
     print(head)
     print("-" * len(head))
     for r in rows:
-        for side in [k for k in ("ours", "ours_compiled", "reference") if k in r]:
+        for side in [k for k in ("ours", *EXTRA_SIDES, "reference") if k in r]:
             s = r[side]
-            q = r.get({"ours": "ratio", "ours_compiled": "ratio_compiled"}.get(side, ""))
+            q = r.get("ratio" if side == "ours" else EXTRA_SIDES.get(side, (None, ""))[1])
             ratio = f"{q:>9.2f}{1 / q:>8.2f}x" if q else ""
-            name = "compiled" if side == "ours_compiled" else side
+            name = EXTRA_SIDES.get(side, (side,))[0]
             print(f"{r['method']:<7}{r['ipc']:>4} {name:<10}{s['median_s']:>9.3f} {s['min_s']:>8.2f}-{s['max_s']:<8.2f}"
                   f"{s['gflop']:>9.1f}{s['gflops_per_s']:>9.1f}{s['pct_ceiling']:>6.0f}{r['ceiling_gflops']:>6.0f}{ratio}")
             for part, ps in s.get("parts", {}).items():
@@ -362,6 +363,10 @@ def print_table(rows, ceiling, threads, repeats):
     if any("parts" in r["ours"] for r in rows):
         print("ipc > 1 (DC/DSA): one iteration composed of its parts' repetitions (outer_loop x match + "
               "(outer_loop - 1) x inner), as main.py runs them")
+
+
+# our optional sides: their name in the table and their ratio's key in a row
+EXTRA_SIDES = {"ours_compiled": ("compiled", "ratio_compiled"), "ours_bf16": ("bf16", "ratio_bf16")}
 
 
 def jobs(methods: list, ipcs: list) -> list:
@@ -414,6 +419,9 @@ def main(argv=None):
     p.add_argument("--compile_test", action="store_true",
                    help="TEST and EVAL: also time ours with the test pass through torch.compile (the scripts' "
                         "--compile_test), interleaved as a third side")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time our DC/DSA iterations with --precision bf16 (side bf16; needs a CPU with "
+                        "avx512_bf16 or AMX to be faster than fp32)")
     p.add_argument("--profile", action="store_true", help="also profile one iteration of each side")
     p.add_argument("--out", default=os.path.join("results", "bench", "reference.json"))
     args = p.parse_args(argv)
@@ -461,6 +469,8 @@ def main(argv=None):
         else:
             sides = {"ours": ours_iteration(method, data, device, args.dsa_strategy, ipc, args.ops),
                      "reference": reference_iteration(ref, method, data, args.dsa_strategy, ipc)}
+            if args.bf16 and method != "DM":
+                sides["ours_bf16"] = ours_iteration(method, data, device, args.dsa_strategy, ipc, args.ops, "bf16")
         fns = {(side, part): fn for side, parts in sides.items() for part, fn in parts.items()}
         fns["ceiling", "probe"] = probe
         flops = flops_and_warm_up(fns, compiled=lambda key: key[0] == "ours_compiled")
@@ -479,13 +489,14 @@ def main(argv=None):
                 row[side] = {**summary(t, f, ceiling), "composed": f"{outer} x match + {outer - 1} x inner",
                              "parts": {p: summary(times[side, p], flops[side, p], ceiling) for p in parts}}
         row["ratio"] = row["ours"]["median_s"] / row["reference"]["median_s"]
-        if "ours_compiled" in row:
-            row["ratio_compiled"] = row["ours_compiled"]["median_s"] / row["reference"]["median_s"]
+        for side, (name, key) in EXTRA_SIDES.items():
+            if side in row:
+                row[key] = row[side]["median_s"] / row["reference"]["median_s"]
         rows.append(row)
         print(f"{method} ipc {ipc}: ours {row['ours']['median_s']:.3f} s, reference {row['reference']['median_s']:.3f} s "
               f"(ours/reference {row['ratio']:.2f})"
-              + (f"; compiled {row['ours_compiled']['median_s']:.3f} s ({row['ratio_compiled']:.2f})"
-                 if "ours_compiled" in row else ""), flush=True)
+              + "".join(f"; {name} {row[side]['median_s']:.3f} s ({row[key]:.2f})"
+                        for side, (name, key) in EXTRA_SIDES.items() if side in row), flush=True)
         if args.profile:
             profiles[f"{method} ipc {ipc}"] = {side: top_ops(parts.get("iter") or parts["match"])
                                                for side, parts in sides.items()}
@@ -494,6 +505,7 @@ def main(argv=None):
     for method, prof in profiles.items():
         print_profile(method, prof)
     write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, compile_test=args.compile_test,
+                 bf16=args.bf16,
                  threads=torch.get_num_threads(),
                  repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=start_ceiling, reference_dir=ref_dir,
                  reference_revision=git_revision(ref_dir), argv=sys.argv[1:] if argv is None else list(argv))

@@ -150,7 +150,7 @@ def _flops(fn) -> float:
     return float(fc.get_total_flops())
 
 
-PATHS = ("loop/plain", "loop/fast", "batched/fast", "batched/plain")
+PATHS = ("loop/plain", "loop/fast", "batched/fast", "batched/plain", "loop/fast/bf16", "batched/fast/bf16")
 DEFAULT_PATHS = {"cpu": ["loop/plain", "loop/fast"], "cuda": ["loop/plain", "loop/fast", "batched/fast"]}
 STRAIGHTFORWARD = "loop/plain"
 
@@ -289,7 +289,8 @@ def _iteration_fns(case, data, device) -> tuple[dict, int]:
     base = "DC" if method == "BS" else method
     dsa = case.get("dsa_strategy") or (DSA_STRATEGY if base == "DSA" else "none")
     cfg = SimpleNamespace(ipc=ipc, batch_real=256, dsa_strategy=dsa, seed=0, dis_metric="ours", lr_net=0.01,
-                          batch_train=256, kernel=case["kernel"], method=base)
+                          batch_train=256, kernel=case["kernel"], method=base,
+                          precision=case.get("precision", "fp32"))
     sampler = (ClusterSampler(_uneven_clusters(data), seed=2) if method == "BS"
                else ClassSampler(data.indices_class, seed=2))
     net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
@@ -391,21 +392,24 @@ def ceiling_probe(device_name: str, n: int = 2048, calls: int = 5):
 
 
 def plan(args) -> list[dict]:
-    paths = [p.split("/") for p in (args.paths or DEFAULT_PATHS[args.device])]
+    # a path is kernel/layers[/bf16]; bf16 (--precision bf16) applies to DC/DSA/BS iterations only
+    paths = [(*p.split("/"), "fp32")[:3] for p in (args.paths or DEFAULT_PATHS[args.device])]
     cases = []
     for shape in args.shapes:
         for ipc in args.ipcs:
             if ipc > 1 and shape != "FashionMNIST" and args.device == "cpu":
                 continue                   # CPU budget: ipc >= 10 on the FashionMNIST shape only
             for method in args.methods:
-                for kernel, ops in paths:
-                    cases.append(dict(kind="iter", method=method, shape=shape, ipc=ipc, kernel=kernel, ops=ops))
+                for kernel, ops, precision in paths:
+                    if precision == "fp32" or method != "DM":
+                        cases.append(dict(kind="iter", method=method, shape=shape, ipc=ipc, kernel=kernel, ops=ops,
+                                          precision=precision))
         if not args.no_eval:
             for method, ipc in (("DC", 1), ("DC", 10), ("DSA", 1)):
                 if ipc in args.ipcs and (shape == "FashionMNIST" or args.device != "cpu"):
-                    for ops in dict.fromkeys(o for _, o in paths):
+                    for ops in dict.fromkeys(o for _, o, _ in paths):
                         cases.append(dict(kind="eval", method=method, shape=shape, ipc=ipc, kernel="-", ops=ops))
-            test_paths = paths + ([["compiled", "fast"]] if args.compile_test else [])
+            test_paths = dict.fromkeys([(k, o) for k, o, _ in paths] + ([("compiled", "fast")] if args.compile_test else []))
             for kernel, ops in test_paths:
                 cases.append(dict(kind="test_pass", method="-", shape=shape, ipc=1, kernel=kernel, ops=ops))
     for c in cases:
@@ -425,7 +429,7 @@ def merge_rounds(a: dict, b: dict) -> dict:
 
 
 def path_of(case: dict) -> str:
-    return f"{case['kernel']}/{case['ops']}"
+    return f"{case['kernel']}/{case['ops']}" + ("/bf16" if case.get("precision") == "bf16" else "")
 
 
 def run_child(cases: list[dict], timeout: int) -> list[dict]:
@@ -462,6 +466,7 @@ def summarise(results: list[dict], ceiling: float) -> list[dict]:
     rows = []
     for r in results:
         row = {k: r[k] for k in ("kind", "method", "shape", "ipc", "kernel", "ops")}
+        row["precision"] = r.get("precision", "fp32")
         row["path"] = path_of(r)
         if "error" in r:
             rows.append({**row, "error": r["error"]})
@@ -509,9 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM", "BS"], choices=["DC", "DSA", "DM", "BS"])
     p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10])
     p.add_argument("--paths", nargs="+", default=None, choices=PATHS,
-                   help=f"kernel/layers combinations; speed-ups are over {STRAIGHTFORWARD}, the straightforward path "
-                        f"(default: {' '.join(DEFAULT_PATHS['cpu'])} on the CPU, where the batched kernel is 2-4x "
-                        f"slower, and also batched/fast on CUDA)")
+                   help=f"kernel/layers[/bf16] combinations; speed-ups are over {STRAIGHTFORWARD}, the straightforward "
+                        f"path (default: {' '.join(DEFAULT_PATHS['cpu'])} on the CPU, where the batched kernel is 2-4x "
+                        f"slower, and also batched/fast on CUDA); /bf16: --precision bf16, DC/DSA/BS iterations only")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (after one warm-up)")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the whole list of cases this many times in turn and pool each case's repetitions, "

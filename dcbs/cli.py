@@ -17,10 +17,11 @@ from networks import set_ops
 
 from .clusters import ClusterFileError
 from .condense import Condenser, Interrupted, NonFiniteError
-from .config import ConfigError, build_parser, resolve
+from .config import BS_DEFAULTS, DEFAULTS, ConfigError, build_parser, resolve
 from .data import DataError, load_data
 from .evaluate import check_compile, eval_settings_for, get_eval_pool
 from .io import FileFormatError, file_sha256, safe_load
+from .precision import check as check_precision
 from .rundir import RunDir, RunDirError, git_revision, setup_logging
 from .samplers import ClassSampler, ClusterSampler
 from .seeding import derive_seed
@@ -94,8 +95,10 @@ def resume_config(ns, batch_sampling):
     saved = run.read_config()
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "resume"}
     fresh = vars(resolve(ns.__class__(**{**{k: None for k in vars(ns)}, **given}), batch_sampling))
-    diffs = [f"--{k} {fresh[k]!r} (run has {saved.get(k)!r})" for k in given
-             if k not in RESUME_FREE and k != "preset" and fresh.get(k) != saved.get(k)]
+    # a setting absent from the saved run did not exist yet: the run had its default
+    before = lambda k: saved.get(k, {**DEFAULTS, **BS_DEFAULTS}.get(k))
+    diffs = [f"--{k} {fresh[k]!r} (run has {before(k)!r})" for k in given
+             if k not in RESUME_FREE and k != "preset" and fresh.get(k) != before(k)]
     if given.get("preset") and given["preset"] != saved.get("preset"):
         diffs.append(f"--preset {given['preset']!r} (run has {saved.get('preset')!r})")
     if saved.get("batch_sampling") != batch_sampling:
@@ -144,6 +147,10 @@ def _main(ns, batch_sampling) -> int:
         torch.set_num_threads(cfg.num_threads)
     set_ops(getattr(cfg, "ops", "fast"))  # runs saved before --ops existed resume with the default
     device = pick_device(cfg.device)
+    try:
+        precision_warning = check_precision(getattr(cfg, "precision", "fp32"), device)   # absent in older runs
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if getattr(cfg, "compile_test", False):
         check_compile(device)  # fail now, not at the first evaluation hours in
     if getattr(cfg, "load_syn", None):
@@ -191,6 +198,8 @@ def _main(ns, batch_sampling) -> int:
         resume_state = run.load_checkpoint()
     setup_logging(run.file("log.txt"))
     log.info("%s %s on %s (%s), run directory %s", script, method_label(cfg), cfg.dataset, data.source, run.path)
+    if precision_warning:
+        log.warning(precision_warning)
     if cfg.preset:
         log.info("preset %s: a REDUCED protocol (%d iterations, %d experiments x %d models)", cfg.preset,
                  cfg.Iteration, cfg.num_exp, cfg.num_eval)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from networks import build_model
+from . import precision
 from .augment import DiffAugment, ParamDiffAug
 from .data import RealData, denormalize
 from .evaluate import (auto_eval_batch, batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, has_batchnorm,
@@ -186,6 +187,7 @@ def gradient_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext)
     opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
     bn = has_batchnorm(net)
     kernel = KERNELS[getattr(cfg, "kernel", "loop")]
+    amp = precision.autocast(ctx.device, getattr(cfg, "precision", "fp32"))    # absent in older runs
     for ol in range(outer_loop):
         if bn:
             _freeze_bn(net, ctx)
@@ -196,7 +198,7 @@ def gradient_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext)
             img_real, img_syn = ctx.siamese(img_real, image_syn[c * ipc:(c + 1) * ipc], ol, c)
             return img_real, lab_real, img_syn, label_syn[c * ipc:(c + 1) * ipc]
 
-        loss = kernel(net, batch, nc, cfg.dis_metric, ctx.diag)
+        loss = kernel(net, batch, nc, cfg.dis_metric, ctx.diag, amp)
         opt_img.zero_grad(set_to_none=True)
         loss.backward()
         opt_img.step()
@@ -204,19 +206,23 @@ def gradient_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext)
         if ol == outer_loop - 1:
             break
         train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, inner_loop,
-                           generator(cfg.seed, "inner", ctx.exp, ctx.it, ol), ctx.dsa_param)
+                           generator(cfg.seed, "inner", ctx.exp, ctx.it, ol), ctx.dsa_param, amp)
 
 
-def train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, epochs: int, g, dsa_param) -> None:
+def train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, epochs: int, g, dsa_param,
+                       amp=None) -> None:
     """The inner loop between two synthetic updates: ``epochs`` epochs of the network on a copy of the
     current synthetic set, in batches of ``cfg.batch_train`` shuffled by ``g``; DSA draws its
-    augmentation per sample from the same ``g``."""
+    augmentation per sample from the same ``g``. The forward passes run in ``amp()`` (bf16 autocast
+    for ``--precision bf16``; by default the config's precision)."""
+    if amp is None:
+        amp = precision.autocast(image_syn.device, getattr(cfg, "precision", "fp32"))
     syn_x, syn_y = image_syn.detach().clone(), label_syn.detach().clone()
     aug = None
     if cfg.dsa_strategy != "none":
         aug = lambda x: DiffAugment(x, cfg.dsa_strategy, seed=-1, param=dsa_param, generator=g)
     for _ in range(epochs):
-        epoch("train", minibatches(syn_x, syn_y, cfg.batch_train, g), net, opt_net, criterion, aug)
+        epoch("train", minibatches(syn_x, syn_y, cfg.batch_train, g), net, opt_net, criterion, aug, amp)
 
 
 def distribution_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext) -> None:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from networks import OPS, model_names
 from .data import DATASETS
+from .precision import PRECISIONS
 
 __all__ = ["build_parser", "resolve", "ConfigError", "PRESETS", "METHOD_DEFAULTS", "default_eval_its"]
 
@@ -27,7 +28,7 @@ DEFAULTS = dict(
     epoch_eval_train=None, Iteration=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
     init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
     seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
-    kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None, compile_test=False,
+    kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None, compile_test=False, precision="fp32",
 )
 # Batch Sampling (main_BS.py only)
 BS_DEFAULTS = dict(
@@ -109,6 +110,11 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
       help="layers with a faster CPU equivalent (ConvNet's 2x2 average pooling, its first block as one matmul "
            "per sample, later blocks channels-last where no gradient is needed): fast (default) or plain "
            "(torch's modules, as the reference code; same result up to rounding)")
+    a("--precision", choices=list(PRECISIONS),
+      help="fp32 (default) or bf16: the real-data gradients and the inner loop's network updates of DC/DSA "
+           "under bf16 autocast (the synthetic images, their gradient, the matching loss and evaluation stay "
+           "fp32; opt-in: needs a CPU with avx512_bf16/AMX or a bf16 GPU, results differ from fp32 by more "
+           "than rounding)")
     a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")
     if batch_sampling:
         a("--layer_idx", type=int, help="feature layer the clusters were made from (default 3)")
@@ -174,6 +180,8 @@ def validate(cfg: dict) -> None:
     if cfg["method"] == "DM":
         need(cfg["dis_metric"] == "ours" or "dis_metric" not in cfg["explicit"],
              "--dis_metric does not apply to DM (it matches mean embeddings)")
+        need(cfg["precision"] == "fp32", "--precision bf16 applies to DC/DSA gradient matching; DM runs in fp32: "
+                                         "drop --precision")
     if cfg["batch_sampling"]:
         need(cfg["num_cluster"] >= 1, f"--num_cluster must be at least 1 (got {cfg['num_cluster']})")
         need(cfg["margin"] >= 0, f"--margin must be >= 0 (got {cfg['margin']})")

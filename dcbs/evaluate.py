@@ -98,8 +98,10 @@ def _augment_fn(settings: EvalSettings, dsa_param: ParamDiffAug, generator):
     return None
 
 
-def epoch(mode, batches, net, optimizer, criterion, aug=None):
-    """One pass over ``batches`` ((images, labels) pairs). mode 'train' updates ``net``.
+def epoch(mode, batches, net, optimizer, criterion, aug=None, amp=contextlib.nullcontext):
+    """One pass over ``batches`` ((images, labels) pairs). mode 'train' updates ``net``. The
+    forward passes run in ``amp()`` (the condensation's inner loop under ``--precision bf16``:
+    bf16 autocast), the loss in fp32.
 
     Returns (mean loss, accuracy); sums stay on the device until the end (one sync).
     """
@@ -111,8 +113,9 @@ def epoch(mode, batches, net, optimizer, criterion, aug=None):
         for img, lab in batches:
             if aug is not None and train:
                 img = aug(img)
-            out = net(img)[0]
-            loss = criterion(out, lab)
+            with amp():
+                out = net(img)[0]
+            loss = criterion(out.float(), lab)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -18,13 +18,17 @@ The condensation loop (``condense.gradient_matching_step``) is written once; the
   put it in eval mode (which the loop does before every outer step).
 
 Both compute the same thing up to floating-point rounding (tests/test_kernels.py).
-A kernel is called as ``kernel(net, batch, num_classes, metric, diag)`` where
+A kernel is called as ``kernel(net, batch, num_classes, metric, diag, amp)`` where
 ``batch(c)`` returns ``(img_real, lab_real, img_syn, lab_syn)`` of class ``c``
 (siamese augmentation already applied; classes are drawn in order 0..C-1, so
-the sampler's random stream is the same for every kernel), and returns the
-matching loss summed over classes.
+the sampler's random stream is the same for every kernel) and ``amp()`` is the
+context the real batches' forward passes run in (``precision.autocast``: bf16
+autocast for ``--precision bf16``, else a no-op; the synthetic side always runs
+outside it), and returns the matching loss summed over classes.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -35,12 +39,14 @@ from .matching import match_loss, match_loss_batched
 __all__ = ["KERNELS", "loop_kernel", "batched_kernel", "per_class_grads"]
 
 
-def loop_kernel(net, batch, num_classes: int, metric: str, diag) -> torch.Tensor:
+def loop_kernel(net, batch, num_classes: int, metric: str, diag, amp=contextlib.nullcontext) -> torch.Tensor:
     params = list(net.parameters())
     loss = None
     for c in range(num_classes):
         img_real, lab_real, img_syn, lab_syn = batch(c)
-        gw_real = torch.autograd.grad(F.cross_entropy(net(img_real)[0], lab_real), params)
+        with amp():
+            out_real = net(img_real)[0]
+        gw_real = torch.autograd.grad(F.cross_entropy(out_real.float(), lab_real), params)
         gw_real = [g.detach() for g in gw_real]
         gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn)[0], lab_syn), params, create_graph=True)
         diag.add_grads(gw_real, gw_syn)
@@ -64,10 +70,12 @@ def _stack_padded(xs: list[torch.Tensor]):
     return stacked, w
 
 
-def per_class_grads(net: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> dict:
+def per_class_grads(net: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                    amp=contextlib.nullcontext) -> dict:
     """Gradient of each class's mean cross-entropy w.r.t. the network parameters, for all classes
     in one vmapped pass: {name: [classes, *shape]}. Differentiable w.r.t. ``xs`` when they
-    require grad (the synthetic side); the parameters are taken detached."""
+    require grad (the synthetic side); the parameters are taken detached. The forward pass runs
+    in ``amp()``, the loss in fp32."""
     from torch.func import functional_call, grad, vmap
     params = {k: v.detach() for k, v in net.named_parameters()}
     buffers = {k: v for k, v in net.named_buffers()}
@@ -77,8 +85,9 @@ def per_class_grads(net: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tenso
         y[c, :t.shape[0]] = t
 
     def class_loss(p, xc, yc, wc):
-        logits = functional_call(net, (p, buffers), (xc,))[0]
-        return (F.cross_entropy(logits, yc, reduction="none") * wc).sum()
+        with amp():
+            logits = functional_call(net, (p, buffers), (xc,))[0]
+        return (F.cross_entropy(logits.float(), yc, reduction="none") * wc).sum()
 
     return vmap(grad(class_loss), in_dims=(None, 0, 0, 0))(params, x, y, w)
 
@@ -89,13 +98,13 @@ def per_class_grads(net: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tenso
 CLASSES_PER_PASS = 10
 
 
-def batched_kernel(net, batch, num_classes: int, metric: str, diag) -> torch.Tensor:
+def batched_kernel(net, batch, num_classes: int, metric: str, diag, amp=contextlib.nullcontext) -> torch.Tensor:
     names = [n for n, _ in net.named_parameters()]
     loss = None
     for start in range(0, num_classes, CLASSES_PER_PASS):
         parts = [batch(c) for c in range(start, min(start + CLASSES_PER_PASS, num_classes))]
         reals, lab_reals, syns, lab_syns = (list(t) for t in zip(*parts))
-        g_real = per_class_grads(net, [r.detach() for r in reals], lab_reals)
+        g_real = per_class_grads(net, [r.detach() for r in reals], lab_reals, amp)
         gw_real = [g_real[n].detach() for n in names]
         del g_real, reals
         g_syn = per_class_grads(net, syns, lab_syns)
