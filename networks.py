@@ -148,14 +148,15 @@ def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | 
     zero padding, no dilation or groups (``_fusable`` checks); ``act`` must be elementwise.
     ``channels_last``: the matmul is taken the other way round ([L, K+1] x [K+1, C] per sample),
     so the map comes out channels-last (an NCHW view with channels-last strides; the same values)
-    for the channels-last blocks after it (``nhwc_block``).
+    for the channels-last blocks after it (``nhwc_block``). Under autocast (``--precision bf16``)
+    the statistics stay fp32, as autocast keeps norms in fp32 on CUDA; the last matmul runs in bf16.
     """
     n = x.shape[0]
     (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
     ho, wo = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
     patches = F.unfold(x, (kh, kw), padding=(ph, pw))                       # [n, K, L]
     centred = patches - patches.mean(-1, keepdim=True)
-    with torch.autocast(x.device.type, enabled=False):                      # statistics in full precision
+    with torch.autocast(x.device.type, enabled=False):     # statistics in fp32 under autocast, as norms are
         cov = centred @ centred.transpose(1, 2) / centred.shape[-1]         # [n, K, K]
         w = conv.weight.flatten(1)                                          # [C, K]
         var = ((w @ cov) * w).sum(-1)                                       # [n, C]

@@ -8,7 +8,8 @@
 #    the batched kernel, batched evaluation, main.py and main_BS.py end to end on the GPU) and
 #    the CPU-side kernel and layer tests;
 # 3. bench_speed.py on CUDA, the target first: a DC iteration at ipc 10 on CIFAR10-shaped
-#    random data along the straightforward path (loop/plain) beside loop/fast and batched/fast,
+#    random data along the straightforward path (loop/plain) beside loop/fast, batched/fast and
+#    batched/fast/bf16 (--precision bf16),
 #    with medians, GFLOP/s and peak GPU memory (JSON in OUT_DIR);
 # 4. a short condensation run on the embedded digits data (DC, ipc 10, 20 iterations, 5 models),
 #    timed as a user would run it;
@@ -49,15 +50,15 @@ else:
 EOF
 
 stage tests env DCBS_TEST_DEVICE="$DEV" python3 -m pytest -q -x tests/test_cuda.py tests/test_fast_ops.py \
-    tests/test_kernels.py -k "not command_line"
+    tests/test_kernels.py tests/test_precision.py -k "not command_line"
 
 if [ "$QUICK" = 1 ]; then
     SPEED=(--shapes FashionMNIST --ipcs 1 --methods DC --paths loop/plain loop/fast --repeats 1 --no_eval)
     MORE=(--shapes FashionMNIST --ipcs 1 --methods DM --paths loop/plain batched/fast --repeats 1 --no_eval)
     RUN=(--Iteration 2 --eval_every 2 --num_eval 1 --ipc 1)
 else   # first the GPU target (DC, ipc 10, CIFAR10 shape), then the rest as time allows
-    SPEED=(--shapes CIFAR10 --ipcs 10 --methods DC --paths loop/plain loop/fast batched/fast --repeats 3
-           --no_eval --timeout 240)
+    SPEED=(--shapes CIFAR10 --ipcs 10 --methods DC --paths loop/plain loop/fast batched/fast batched/fast/bf16
+           --repeats 3 --no_eval --timeout 240)
     MORE=(--shapes CIFAR10 --ipcs 1 50 --methods DC DM --paths loop/plain batched/fast --repeats 3 --timeout 240
           --compile_test)
     RUN=(--Iteration 20 --eval_every 20 --num_eval 5 --ipc 10)

@@ -260,3 +260,32 @@ def test_bench_speed_interleave_runs_the_paths_of_a_case_in_one_process(tmp_path
     assert rows[0]["ceiling_gflops"] == rows[1]["ceiling_gflops"] > 0
     assert abs(rows[0]["pct_ceiling"] - 100 * rows[0]["gflops_per_s"] / rows[0]["ceiling_gflops"]) < 1e-9
     assert report["meta"]["interleave"] is True and "--interleave: one process" in p.stdout
+
+
+def test_bf16_paths_time_gradient_matching_only_and_run_in_bf16():
+    """bench_speed's /bf16 paths and bench_reference's bf16 side: DC/DSA/BS iterations under
+    --precision bf16 (DM, evaluation and the test pass have none), and the step they time really
+    runs its real batches' convolutions in bf16."""
+    import torch
+    bench = load_bench()
+    cases = bench.plan(bench.build_parser().parse_args(["--shapes", "FashionMNIST", "--ipcs", "1",
+                                                        "--paths", "loop/fast", "loop/fast/bf16"]))
+    iters = {(c["method"], bench.path_of(c)) for c in cases if c["kind"] == "iter"}
+    assert {("DC", "loop/fast/bf16"), ("DSA", "loop/fast/bf16"), ("BS", "loop/fast/bf16")} <= iters
+    assert ("DM", "loop/fast/bf16") not in iters and ("DM", "loop/fast") in iters
+    assert all(c["precision"] == ("bf16" if bench.path_of(c).endswith("/bf16") else "fp32")
+               for c in cases if c["kind"] == "iter")
+    assert [bench.path_of(c) for c in cases if c["kind"] == "test_pass"] == ["loop/fast"]
+    assert [c["ops"] for c in cases if c["kind"] == "eval" and c["method"] == "DC"] == ["fast"]
+    ref = load_bench("bench_reference")
+    data = _small_data()
+    for precision in ("fp32", "bf16"):
+        fn = ref.ours_iteration("DC", data, torch.device("cpu"), "none", ipc=1, precision=precision)["iter"]
+        seen = set()
+        for m in fn.net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda mod, inp, out: seen.add((out.shape[0], out.dtype)))
+        fn()
+        real = {d for n, d in seen if n > 1}          # the real batches (the synthetic image is one per class)
+        assert real == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert {d for n, d in seen if n == 1} == {torch.float32}

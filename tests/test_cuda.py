@@ -24,6 +24,7 @@ from networks import AvgPool2x2, build_model
 from test_batch_sampling import chunks, write_clusters
 from test_evaluate import alone_and_together
 from test_kernels import _step, assert_same_update
+from test_precision import assert_bf16_moves_as_fp32, matching_step_updates
 
 DEVICE = os.environ.get("DCBS_TEST_DEVICE", "cuda")
 
@@ -88,6 +89,18 @@ def test_batched_kernel_on_the_device_makes_the_loops_update(digits, method):
     row_b, syn_b, _ = _step("batched", "ConvNet", method, digits, sampler, 2, device=DEVICE)
     assert_same_update(syn_b, syn_l, start)
     assert row_b["loss"] == pytest.approx(row_l["loss"], rel=1e-4)
+
+
+def test_bf16_step_on_the_device_moves_the_images_as_fp32_does(digits, monkeypatch):
+    """--precision bf16 on the device: autocast on its own device type, within bf16 tolerance."""
+    import dcbs.condense as cd
+    from dcbs.precision import check
+    monkeypatch.setattr(cd, "get_loops", lambda _ipc: (2, 2))
+    try:
+        check("bf16", torch.device(DEVICE))
+    except ValueError as e:
+        pytest.skip(str(e))
+    assert_bf16_moves_as_fp32(matching_step_updates(digits, DEVICE))
 
 
 def test_models_trained_together_on_the_device_end_as_trained_alone():
