@@ -14,7 +14,9 @@ reported too.
 * ours: the ``loop`` kernel through ``dcbs.condense``'s step, driven as
   ``bench_speed.py`` drives one iteration (a network built once, a fresh
   ``StepContext`` per iteration), with the fast layers (``--ops fast``, the
-  scripts' default) or torch's own (``--ops plain``: our straightforward path);
+  scripts' default) or torch's own (``--ops plain``: our straightforward path); with
+  ``--bf16`` also our DC/DSA iterations under ``--precision bf16`` (side ``bf16``), and with
+  ``--compile_test`` our compiled test pass (side ``compiled``);
 * reference: the loop body of the public DC/DSA/DM code
   (https://github.com/VICO-UoE/DatasetCondensation), re-created in a few lines
   that call its own ``utils`` (get_network, match_loss, DiffAugment,
@@ -48,6 +50,7 @@ prints the top ops by self CPU time side by side.
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC --profile
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --ops plain
     python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC DSA DM --ipcs 10
+    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --methods DC DSA --bf16
 
 On a 2-core CPU, DC, DSA, DM at ipc 1 and 10 and TEST with 5 repetitions took 19 minutes;
 the default run adds EVAL (a few minutes more).

@@ -11,6 +11,8 @@ and Batch Sampling along several *paths*, and the per-model evaluation cost
   2x2 average pooling as strided sums, ``networks.AvgPool2x2``).
 * ``batched/fast`` - all classes in one vmapped pass (``--kernel batched``); in the default
   paths on CUDA only (on the CPU it is 2-4x slower and would double the run's time).
+* a ``/bf16`` suffix (``loop/fast/bf16``, ``batched/fast/bf16``) - the same under
+  ``--precision bf16``; DC/DSA/BS iterations only (DM, evaluation and the test pass are fp32).
 
 For the test pass ``loop`` is the reference's loop (batches of 256 under
 ``no_grad``) and ``batched`` our ``test_accuracy``; with ``--compile_test`` a

@@ -17,6 +17,7 @@ import torch.nn as nn
 from networks import build_model
 from .config import ConfigError
 from .augment import DiffAugment, ParamDiffAug, augment, get_daparam
+from .precision import upcast
 from .seeding import derive_seed, seeded
 
 __all__ = ["EvalSettings", "epoch", "evaluate_synset", "train_and_test", "test_accuracy", "minibatches",
@@ -101,7 +102,8 @@ def _augment_fn(settings: EvalSettings, dsa_param: ParamDiffAug, generator):
 def epoch(mode, batches, net, optimizer, criterion, aug=None, amp=contextlib.nullcontext):
     """One pass over ``batches`` ((images, labels) pairs). mode 'train' updates ``net``. The
     forward passes run in ``amp()`` (the condensation's inner loop under ``--precision bf16``:
-    bf16 autocast), the loss in fp32.
+    bf16 autocast), the loss at full precision (``precision.upcast``: fp32, or float64 in a
+    float64 run).
 
     Returns (mean loss, accuracy); sums stay on the device until the end (one sync).
     """
@@ -115,7 +117,7 @@ def epoch(mode, batches, net, optimizer, criterion, aug=None, amp=contextlib.nul
                 img = aug(img)
             with amp():
                 out = net(img)[0]
-            loss = criterion(out.float(), lab)
+            loss = criterion(upcast(out), lab)
             if train:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .matching import match_loss, match_loss_batched
+from .precision import upcast
 
 __all__ = ["KERNELS", "loop_kernel", "batched_kernel", "per_class_grads"]
 
@@ -46,7 +47,7 @@ def loop_kernel(net, batch, num_classes: int, metric: str, diag, amp=contextlib.
         img_real, lab_real, img_syn, lab_syn = batch(c)
         with amp():
             out_real = net(img_real)[0]
-        gw_real = torch.autograd.grad(F.cross_entropy(out_real.float(), lab_real), params)
+        gw_real = torch.autograd.grad(F.cross_entropy(upcast(out_real), lab_real), params)
         gw_real = [g.detach() for g in gw_real]
         gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn)[0], lab_syn), params, create_graph=True)
         diag.add_grads(gw_real, gw_syn)
@@ -75,7 +76,7 @@ def per_class_grads(net: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tenso
     """Gradient of each class's mean cross-entropy w.r.t. the network parameters, for all classes
     in one vmapped pass: {name: [classes, *shape]}. Differentiable w.r.t. ``xs`` when they
     require grad (the synthetic side); the parameters are taken detached. The forward pass runs
-    in ``amp()``, the loss in fp32."""
+    in ``amp()``, the loss at full precision (``precision.upcast``)."""
     from torch.func import functional_call, grad, vmap
     params = {k: v.detach() for k, v in net.named_parameters()}
     buffers = {k: v for k, v in net.named_buffers()}
@@ -87,7 +88,7 @@ def per_class_grads(net: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tenso
     def class_loss(p, xc, yc, wc):
         with amp():
             logits = functional_call(net, (p, buffers), (xc,))[0]
-        return (F.cross_entropy(logits.float(), yc, reduction="none") * wc).sum()
+        return (F.cross_entropy(upcast(logits), yc, reduction="none") * wc).sum()
 
     return vmap(grad(class_loss), in_dims=(None, 0, 0, 0))(params, x, y, w)
 

@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "check", "cpu_has_native_bf16"]
+__all__ = ["PRECISIONS", "autocast", "check", "cpu_has_native_bf16", "upcast"]
 
 log = logging.getLogger("dcbs")
 PRECISIONS = ("fp32", "bf16")
@@ -42,6 +42,12 @@ def autocast(device: torch.device | str, precision: str):
         return contextlib.nullcontext
     kind = torch.device(device).type
     return lambda: torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 when autocast left it in a half-precision type, else as it is (float64 runs
+    stay float64): what losses are taken on."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def cpu_has_native_bf16() -> bool:

@@ -38,8 +38,9 @@ def _faults(tune: bool) -> int:
 def test_large_tensors_are_reused_without_page_faults():
     # 5 ConvNet forward passes: tens of thousands of 4 kB page faults per pass when each activation
     # map goes back to the system when freed; next to none once the memory stays in the heap
-    # tuned: the median of three children (one of them now and then faults part of a map in again:
-    # 0-9216 faults in 1-in-3 runs, measured, against ~62,000 untuned)
-    untuned, tuned = _faults(False), sorted(_faults(True) for _ in range(3))[1]
-    assert untuned > 50_000
+    # medians of three children each: a tuned child now and then faults part of a map in again
+    # (0-9216 faults in 1-in-3 runs, measured, against ~62,000 untuned), and untuned counts vary with
+    # the machine's state (32,000-123,000 on the AVX-512 VM, one suite run to the next)
+    untuned, tuned = (sorted(_faults(t) for _ in range(3))[1] for t in (False, True))
+    assert untuned > 10_000
     assert tuned < 0.2 * untuned         # raising only the mmap threshold left ~98 %

@@ -42,6 +42,15 @@ def test_fp32_is_the_default_and_a_no_op():
         precision.autocast("cpu", "fp16")
 
 
+def test_losses_are_taken_at_full_precision_and_float64_stays_float64():
+    """Autocast's bf16 logits are upcast to fp32 for the loss; a float64 run is never cast down."""
+    for dtype, expected in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                            (torch.float64, torch.float64)):
+        assert precision.upcast(torch.zeros(2, dtype=dtype)).dtype == expected
+    t = torch.zeros(2)
+    assert precision.upcast(t) is t
+
+
 def test_bf16_is_refused_for_dm_with_a_message_that_says_what_to_do():
     with pytest.raises(ConfigError, match="drop --precision"):
         resolve(build_parser().parse_args(["--method", "DM", "--precision", "bf16"]))
