@@ -240,10 +240,11 @@ def _nhwc_layers(layers):
 def nhwc_block(x, conv: nn.Conv2d, norm: nn.GroupNorm | None, act: nn.Module, pool: nn.Module | None):
     """``pool(act(norm(conv(x))))`` computed channels-last, for calls that need no gradient.
 
-    oneDNN's channels-last convolution forward is faster here than its NCHW one (2-core EPYC,
+    oneDNN's channels-last convolution forward is faster than its NCHW one (2-core AVX2 EPYC,
     2 threads, batch 256, 128 channels: 1.27x on 16x16 maps, 1.37x on 8x8), but its weight
-    gradient is slower (0.88x on 16x16), so training keeps NCHW and only gradient-free calls come
-    here. torch's group norm is slow on channels-last maps (70 vs 3.5 ms on 256x128x16x16), so
+    gradient was slower there (0.88x on 16x16), and on the AVX-512 EPYC a channels-last training
+    version of this block made a whole real-data gradient slower (results/README.md, eighth
+    round), so training keeps NCHW and only gradient-free calls come here. torch's group norm is slow on channels-last maps (70 vs 3.5 ms on 256x128x16x16), so
     the instance norm is done here on the [n, H*W, C] view: the mean, then the variance of the
     centred map (two passes rather than E[y^2] - E[y]^2, which cancels when the mean is large),
     then scale and shift; the pooling module runs

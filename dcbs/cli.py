@@ -96,7 +96,8 @@ def resume_config(ns, batch_sampling):
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "resume"}
     fresh = vars(resolve(ns.__class__(**{**{k: None for k in vars(ns)}, **given}), batch_sampling))
     # a setting absent from the saved run did not exist yet: the run had its default
-    before = lambda k: saved.get(k, {**DEFAULTS, **BS_DEFAULTS}.get(k))
+    defaults = {**DEFAULTS, **BS_DEFAULTS}
+    before = lambda k: saved.get(k, defaults.get(k))
     diffs = [f"--{k} {fresh[k]!r} (run has {before(k)!r})" for k in given
              if k not in RESUME_FREE and k != "preset" and fresh.get(k) != before(k)]
     if given.get("preset") and given["preset"] != saved.get("preset"):

@@ -206,17 +206,15 @@ def gradient_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext)
         if ol == outer_loop - 1:
             break
         train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, inner_loop,
-                           generator(cfg.seed, "inner", ctx.exp, ctx.it, ol), ctx.dsa_param, amp)
+                           generator(cfg.seed, "inner", ctx.exp, ctx.it, ol), ctx.dsa_param)
 
 
-def train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, epochs: int, g, dsa_param,
-                       amp=None) -> None:
+def train_on_synthetic(net, opt_net, criterion, image_syn, label_syn, cfg, epochs: int, g, dsa_param) -> None:
     """The inner loop between two synthetic updates: ``epochs`` epochs of the network on a copy of the
     current synthetic set, in batches of ``cfg.batch_train`` shuffled by ``g``; DSA draws its
-    augmentation per sample from the same ``g``. The forward passes run in ``amp()`` (bf16 autocast
-    for ``--precision bf16``; by default the config's precision)."""
-    if amp is None:
-        amp = precision.autocast(image_syn.device, getattr(cfg, "precision", "fp32"))
+    augmentation per sample from the same ``g``. The forward passes run under bf16 autocast for
+    ``--precision bf16`` (``precision.autocast``)."""
+    amp = precision.autocast(image_syn.device, getattr(cfg, "precision", "fp32"))
     syn_x, syn_y = image_syn.detach().clone(), label_syn.detach().clone()
     aug = None
     if cfg.dsa_strategy != "none":

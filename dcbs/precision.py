@@ -23,13 +23,11 @@ slower than fp32: ``check`` warns. On CUDA it needs a GPU with bf16 (Ampere or n
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 
 __all__ = ["PRECISIONS", "autocast", "check", "cpu_has_native_bf16", "upcast"]
 
-log = logging.getLogger("dcbs")
 PRECISIONS = ("fp32", "bf16")
 
 

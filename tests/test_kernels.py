@@ -54,7 +54,8 @@ def test_per_class_grads_equal_the_loop_with_uneven_batches(model):
             torch.testing.assert_close(batched[name][c], ref, rtol=1e-4, atol=1e-6, msg=f"{model} {name} class {c}")
 
 
-def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, layers=None, device="cpu"):
+def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, layers=None, device="cpu",
+          precision="fp32"):
     """One full iteration of the shared loop on ``device`` (the real data stays on the CPU, as
     ``StepContext.real_batch`` moves each batch); returns the loss row and the synthetic images
     after and before the step, on the CPU."""
@@ -62,7 +63,7 @@ def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.flo
         digits = dataclasses.replace(digits, images_train=digits.images_train.to(dtype))
     dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
     cfg = SimpleNamespace(ipc=ipc, batch_real=24, dsa_strategy=dsa, seed=seed, dis_metric="ours", lr_net=0.01,
-                          batch_train=256, kernel=kernel, method=method)
+                          batch_train=256, kernel=kernel, method=method, precision=precision)
     torch.manual_seed(seed)
     device = torch.device(device)
     net = build_model(model, digits.channel, digits.num_classes, digits.im_size, layers=layers).to(device, dtype)

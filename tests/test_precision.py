@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dcbs import precision
 from dcbs.augment import ParamDiffAug
-from dcbs.condense import Diagnostics, StepContext, gradient_matching_step, train_on_synthetic
+from dcbs.condense import Diagnostics, train_on_synthetic
 from dcbs.config import ConfigError, build_parser, resolve
 from dcbs.kernels import loop_kernel, per_class_grads
 from dcbs.samplers import ClassSampler
@@ -175,25 +175,15 @@ def test_inner_loop_trains_in_bf16_with_fp32_weights(digits):
 
 
 def matching_step_updates(digits, device="cpu"):
-    """The synthetic images' update and the loss of one DC step with two outer updates and an inner
-    loop between them, in fp32 and bf16 on ``device`` (same seeds, real batches drawn on the CPU)."""
+    """The synthetic images' update and the loss of one DC step (test_kernels' ``_step``, ipc 2) in fp32
+    and bf16 on ``device`` (same seeds, same real batches drawn on the CPU)."""
+    from test_kernels import _step
+    sampler = ClassSampler(digits.indices_class, 11)
     moved = {}
     for name in ("fp32", "bf16"):
-        cfg = SimpleNamespace(ipc=2, batch_real=24, dsa_strategy="none", seed=3, dis_metric="ours", lr_net=0.01,
-                              batch_train=256, kernel="loop", method="DC", precision=name)
-        torch.manual_seed(3)
-        net = build_model("ConvNet", digits.channel, digits.num_classes, digits.im_size).to(device)
-        image_syn = torch.randn(digits.num_classes * 2, digits.channel, *digits.im_size,
-                                generator=torch.Generator().manual_seed(3)).to(device).requires_grad_(True)
-        start = image_syn.detach().clone()
-        label_syn = torch.arange(digits.num_classes, device=device).repeat_interleave(2)
-        opt = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
-        diag = Diagnostics([n for n, _ in net.named_parameters()])
-        ctx = StepContext(cfg, digits, ClassSampler(digits.indices_class, 11), ClassSampler(digits.indices_class, 5),
-                          0, 0, torch.device(device), ParamDiffAug(), diag)
-        gradient_matching_step(net, image_syn, label_syn, opt, ctx)
-        assert image_syn.dtype == torch.float32
-        moved[name] = ((image_syn.detach() - start).cpu(), diag.row(0, 0)["loss"])
+        row, syn, start = _step("loop", "ConvNet", "DC", digits, sampler, ipc=2, device=device, precision=name)
+        assert syn.dtype == torch.float32
+        moved[name] = (syn - start, row["loss"])
     return moved
 
 
