@@ -145,6 +145,49 @@ def test_fused_block_only_where_it_holds():
     assert block.to("meta")(torch.randn(2, 1, 6, 6, device="meta")).shape == (2, 16, 6, 6)   # plain path
 
 
+@pytest.mark.parametrize("cin,hw,pad,act", [(1, (28, 28), 3, torch.nn.ReLU(inplace=True)),
+                                            (1, (9, 7), 1, torch.nn.Sigmoid()),
+                                            (3, (8, 8), 1, torch.nn.LeakyReLU(0.01))])
+def test_first_block_with_its_pooling_folded_in_is_the_plain_layers(cin, hw, pad, act):
+    """``conv_instance_norm_pool2x2`` (the compiled inference path) equals conv, instance norm,
+    act and 2x2 average pooling in float64 (1e-12), an odd map's last row dropped as the pooling
+    drops it, and comes out channels-last for the blocks after it."""
+    conv, norm = _conv_norm(cin, pad)
+    x = torch.randn(5, cin, *hw, dtype=torch.float64)
+    want = torch.nn.AvgPool2d(2, 2)(act(norm(conv(x))))
+    got = networks.conv_instance_norm_pool2x2(x, conv, norm, act)
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-12)
+
+
+def test_first_block_folds_its_pooling_only_while_compiling_without_a_gradient(monkeypatch):
+    """ConvBlock takes the folded block when torch.compile traces a call that needs no gradient,
+    for one-channel inputs (9 taps; CIFAR's 27 measured slower); elsewhere the fused block as
+    before. ``is_compiling`` is patched, so the dispatch is checked eagerly in float64."""
+    calls = []
+    real = networks.conv_instance_norm_pool2x2
+    monkeypatch.setattr(networks, "conv_instance_norm_pool2x2", lambda *a: calls.append(a[0].shape) or real(*a))
+    plain, fast = _pair("ConvNet", 1, (28, 28))
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        want = plain(x)[0]
+        fast(x)
+    assert calls == [] and fast.blocks[0].pool_fusable
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        got, feats = fast(x)
+    assert calls == [x.shape] and feats[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    fast(x)[0].sum().backward()                              # a gradient is needed: not folded
+    assert len(calls) == 1
+    cifar = build_model("ConvNet", 3, 10, (32, 32))
+    with torch.no_grad():
+        cifar(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 1 and not cifar.blocks[0].pool_fusable
+    assert not build_model("ConvNetMP", 1, 10, (28, 28)).blocks[0].pool_fusable     # max pooling
+    assert not build_model("ConvNetNP", 1, 10, (28, 28)).blocks[0].pool_fusable     # no pooling
+
+
 def _pair(model, channel, im_size, dtype=torch.float64):
     torch.manual_seed(3)
     plain = build_model(model, channel, 10, im_size, layers="plain").to(dtype)
