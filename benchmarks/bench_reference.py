@@ -16,7 +16,7 @@ reported too.
   ``StepContext`` per iteration), with the fast layers (``--ops fast``, the
   scripts' default) or torch's own (``--ops plain``: our straightforward path); with
   ``--bf16`` also our DC/DSA iterations under ``--precision bf16`` (side ``bf16``), and with
-  ``--compile_test`` our compiled test pass (side ``compiled``);
+  ``--compile`` our test pass and DM iterations with the scripts' ``--compile`` (side ``compiled``);
 * reference: the loop body of the public DC/DSA/DM code
   (https://github.com/VICO-UoE/DatasetCondensation), re-created in a few lines
   that call its own ``utils`` (get_network, match_loss, DiffAugment,
@@ -105,14 +105,15 @@ def load_reference(reference_dir: str):
 
 
 def ours_iteration(method: str, data, device, dsa_strategy: str, ipc: int = IPC, layers: str = "fast",
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", compiled: bool = False) -> dict:
     """Our step with the ``loop`` kernel, built by bench_speed.py's ``case_fns`` (a network built
     once, a fresh ``StepContext`` per iteration): ``{"iter": fn}`` (one whole iteration: ipc 1, and
     DM at any ipc) or, for DC/DSA at ipc > 1, the two parts an iteration is made of, ``{"match": one
     synthetic update, "inner": one inner loop}`` (see ``compose``): the step with its loops set to
     (1, 1), and ``condense.train_on_synthetic``, the step's own inner loop. DSA and DM augment with
-    ``dsa_strategy``; ``precision`` is the scripts' ``--precision``."""
-    case = dict(kind="iter", method=method, shape=SHAPE, ipc=ipc, kernel="loop", ops=layers, precision=precision,
+    ``dsa_strategy``; ``precision`` is the scripts' ``--precision``, ``compiled`` their ``--compile``."""
+    case = dict(kind="iter", method=method, shape=SHAPE, ipc=ipc, kernel="compiled" if compiled else "loop",
+                ops=layers, precision=precision,
                 dsa_strategy=dsa_strategy if method != "DC" else "none")
     return case_fns(case, data, device)[0]
 
@@ -419,9 +420,9 @@ def main(argv=None):
                    help="DSA transforms of the DSA and DM iterations, both sides")
     p.add_argument("--ops", choices=["fast", "plain"], default="fast",
                    help="our side's layers: fast (the scripts' default) or plain (torch's, as the reference)")
-    p.add_argument("--compile_test", action="store_true",
-                   help="TEST and EVAL: also time ours with the test pass through torch.compile (the scripts' "
-                        "--compile_test), interleaved as a third side")
+    p.add_argument("--compile", "--compile_test", dest="compile", action="store_true",
+                   help="DM, TEST and EVAL: also time ours with the scripts' --compile (the test pass and DM's real-"
+                        "image embeddings through torch.compile), interleaved as a third side")
     p.add_argument("--bf16", action="store_true",
                    help="also time our DC/DSA iterations with --precision bf16 (side bf16; needs a CPU with "
                         "avx512_bf16 or AMX to be faster than fp32)")
@@ -459,7 +460,7 @@ def main(argv=None):
     probe, probe_flops = ceiling_probe("cpu")
     data = _data(SHAPE, device)
     print(f"reference: {ref.__file__}; ours with --ops {args.ops}"
-          f"{' (and with the compiled test pass)' if args.compile_test else ''}; {torch.get_num_threads()} threads; "
+          f"{' (and with --compile)' if args.compile else ''}; {torch.get_num_threads()} threads; "
           f"ceiling {ceiling:.0f} GFLOP/s", flush=True)
 
     rows, profiles = [], {}
@@ -467,13 +468,16 @@ def main(argv=None):
         if method in ("TEST", "EVAL"):
             sides = {"ours": {"iter": ours_evaluation(method, data, device)},
                      "reference": {"iter": reference_evaluation(ref, method, data)}}
-            if args.compile_test:
+            if args.compile:
                 sides["ours_compiled"] = {"iter": ours_evaluation(method, data, device, compile_test=True)}
         else:
             sides = {"ours": ours_iteration(method, data, device, args.dsa_strategy, ipc, args.ops),
                      "reference": reference_iteration(ref, method, data, args.dsa_strategy, ipc)}
             if args.bf16 and method != "DM":
                 sides["ours_bf16"] = ours_iteration(method, data, device, args.dsa_strategy, ipc, args.ops, "bf16")
+            if args.compile and method == "DM":
+                sides["ours_compiled"] = ours_iteration(method, data, device, args.dsa_strategy, ipc, args.ops,
+                                                        compiled=True)
         fns = {(side, part): fn for side, parts in sides.items() for part, fn in parts.items()}
         fns["ceiling", "probe"] = probe
         flops = flops_and_warm_up(fns, compiled=lambda key: key[0] == "ours_compiled")
@@ -507,7 +511,7 @@ def main(argv=None):
     print_table(rows, start_ceiling, torch.get_num_threads(), args.repeats)
     for method, prof in profiles.items():
         print_profile(method, prof)
-    write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, compile_test=args.compile_test,
+    write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, compile=args.compile,
                  bf16=args.bf16,
                  threads=torch.get_num_threads(),
                  repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=start_ceiling, reference_dir=ref_dir,

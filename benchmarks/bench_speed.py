@@ -15,9 +15,10 @@ and Batch Sampling along several *paths*, and the per-model evaluation cost
   ``--precision bf16``; DC/DSA/BS iterations only (DM, evaluation and the test pass are fp32).
 
 For the test pass ``loop`` is the reference's loop (batches of 256 under
-``no_grad``) and ``batched`` our ``test_accuracy``; with ``--compile_test`` a
-``compiled/fast`` test pass (``test_accuracy`` through ``torch.compile``, the scripts'
-``--compile_test``; its compilation is in the untimed warm-up) is timed beside them.
+``no_grad``) and ``batched`` our ``test_accuracy``. With ``--compile`` a ``compiled/fast``
+path (the scripts' ``--compile``: ``test_accuracy`` through ``torch.compile``, and DM's
+``loop`` iteration with its real-image embeddings compiled; compilation is in the untimed
+warm-up) is timed beside them, for the test pass and DM iterations.
 
 Cases run one after another; on a machine whose speed drifts (the shared 2-core VM
 here: its matmul ceiling read 146, 119 and 131 GFLOP/s within 20 minutes) that order
@@ -290,9 +291,10 @@ def _iteration_fns(case, data, device) -> tuple[dict, int]:
     method, ipc = case["method"], case["ipc"]
     base = "DC" if method == "BS" else method
     dsa = case.get("dsa_strategy") or (DSA_STRATEGY if base == "DSA" else "none")
+    compiled = case["kernel"] == "compiled"              # the loop kernel with --compile (DM)
     cfg = SimpleNamespace(ipc=ipc, batch_real=256, dsa_strategy=dsa, seed=0, dis_metric="ours", lr_net=0.01,
-                          batch_train=256, kernel=case["kernel"], method=base,
-                          precision=case.get("precision", "fp32"))
+                          batch_train=256, kernel="loop" if compiled else case["kernel"], method=base,
+                          precision=case.get("precision", "fp32"), compile=compiled)
     sampler = (ClusterSampler(_uneven_clusters(data), seed=2) if method == "BS"
                else ClassSampler(data.indices_class, seed=2))
     net = build_model("ConvNet", data.channel, data.num_classes, data.im_size).to(device)
@@ -406,12 +408,15 @@ def plan(args) -> list[dict]:
                     if precision == "fp32" or method != "DM":
                         cases.append(dict(kind="iter", method=method, shape=shape, ipc=ipc, kernel=kernel, ops=ops,
                                           precision=precision))
+                if method == "DM" and args.compile:
+                    cases.append(dict(kind="iter", method=method, shape=shape, ipc=ipc, kernel="compiled", ops="fast",
+                                      precision="fp32"))
         if not args.no_eval:
             for method, ipc in (("DC", 1), ("DC", 10), ("DSA", 1)):
                 if ipc in args.ipcs and (shape == "FashionMNIST" or args.device != "cpu"):
                     for ops in dict.fromkeys(o for _, o, _ in paths):
                         cases.append(dict(kind="eval", method=method, shape=shape, ipc=ipc, kernel="-", ops=ops))
-            test_paths = dict.fromkeys([(k, o) for k, o, _ in paths] + ([("compiled", "fast")] if args.compile_test else []))
+            test_paths = dict.fromkeys([(k, o) for k, o, _ in paths] + ([("compiled", "fast")] if args.compile else []))
             for kernel, ops in test_paths:
                 cases.append(dict(kind="test_pass", method="-", shape=shape, ipc=1, kernel=kernel, ops=ops))
     for c in cases:
@@ -528,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "interleaved (path a, path b, ..., a, ...); peak memory is then shared by those paths")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation cases")
-    p.add_argument("--compile_test", action="store_true",
-                   help="also time the test pass through torch.compile (path compiled/fast; not with --no_eval)")
+    p.add_argument("--compile", "--compile_test", dest="compile", action="store_true",
+                   help="also time the test pass and DM iterations with the scripts' --compile (path compiled/fast; "
+                        "needs the evaluation or DM)")
     p.add_argument("--quick", action="store_true", help="FashionMNIST shape, ipc 1, DC and DM, 1 repeat, no eval")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     p.add_argument("--out", default=os.path.join("results", "bench", "speed.json"))
@@ -553,9 +559,9 @@ def main(argv=None):
     if args.rounds < 1 or args.repeats < 1:
         print("error: --rounds and --repeats must be >= 1", file=sys.stderr)
         return 2
-    if args.compile_test and args.no_eval:
-        print("error: --compile_test times a test pass, which --no_eval (or --quick) skips: drop one of them",
-              file=sys.stderr)
+    if args.compile and args.no_eval and "DM" not in args.methods:
+        print("error: --compile times the test pass and DM iterations, and --no_eval (or --quick) skips the "
+              "test pass: drop --no_eval or add DM to --methods", file=sys.stderr)
         return 2
     cases = plan(args)
     t0 = time.time()

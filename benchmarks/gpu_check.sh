@@ -60,7 +60,7 @@ else   # first the issue's GPU target (DC, ipc 10, CIFAR10 shape), then the rest
     SPEED=(--shapes CIFAR10 --ipcs 10 --methods DC --paths loop/plain loop/fast batched/fast batched/fast/bf16
            --repeats 3 --no_eval --timeout 240)
     MORE=(--shapes CIFAR10 --ipcs 1 50 --methods DC DM --paths loop/plain batched/fast --repeats 3 --timeout 240
-          --compile_test)
+          --compile)
     RUN=(--Iteration 20 --eval_every 20 --num_eval 5 --ipc 10)
 fi
 stage speed python3 benchmarks/bench_speed.py --device "$DEV" "${SPEED[@]}" --out "$OUT/speed_$DEV.json"

@@ -30,8 +30,10 @@ log = logging.getLogger("dcbs")
 
 # settings that may differ on --resume without changing the result
 RESUME_FREE = {"device", "num_threads", "ckpt_every", "resume", "save_path", "explicit", "run_name"}
-# eval_batch, ops and compile_test change results only by floating-point rounding, so they may change on resume too
-RESUME_FREE |= {"eval_batch", "ops", "compile_test"}
+# eval_batch, ops and compile change results only by floating-point rounding, so they may change on resume too
+RESUME_FREE |= {"eval_batch", "ops", "compile"}
+# settings saved under an older name: {old: new}
+RENAMED = {"compile_test": "compile"}
 ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted, ClusterFileError)
 
 
@@ -93,6 +95,9 @@ def resume_config(ns, batch_sampling):
     """Saved configuration of --resume RUN_DIR, with the flags that may change applied."""
     run = RunDir.open_for_resume(ns.resume)
     saved = run.read_config()
+    for old, new in RENAMED.items():
+        if old in saved:
+            saved.setdefault(new, saved.pop(old))
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "resume"}
     fresh = vars(resolve(ns.__class__(**{**{k: None for k in vars(ns)}, **given}), batch_sampling))
     # a setting absent from the saved run did not exist yet: the run had its default
@@ -152,7 +157,7 @@ def _main(ns, batch_sampling) -> int:
         precision_warning = check_precision(getattr(cfg, "precision", "fp32"), device)   # absent in older runs
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if getattr(cfg, "compile_test", False):
+    if getattr(cfg, "compile", False):
         check_compile(device)  # fail now, not at the first evaluation hours in
     if getattr(cfg, "load_syn", None):
         return evaluate_saved(cfg, device)

@@ -31,8 +31,8 @@ from networks import build_model
 from . import precision
 from .augment import DiffAugment, ParamDiffAug
 from .data import RealData, denormalize
-from .evaluate import (auto_eval_batch, batchable, build_eval_model, epoch, eval_settings_for, get_eval_pool, has_batchnorm,
-                       minibatches, train_and_test, train_and_test_batched)
+from .evaluate import (auto_eval_batch, batchable, build_eval_model, embed_no_grad, epoch, eval_settings_for,
+                       get_eval_pool, has_batchnorm, minibatches, train_and_test, train_and_test_batched)
 from .kernels import KERNELS
 from .matching import get_loops
 from .samplers import ClassSampler
@@ -230,16 +230,17 @@ def distribution_matching_step(net, image_syn, label_syn, opt_img, ctx: StepCont
         p.requires_grad_(False)
     net.train()
     loss = image_syn.new_zeros(())
+    compiled = getattr(cfg, "compile", False)  # absent in older runs
     if not has_batchnorm(net) and getattr(cfg, "kernel", "loop") == "loop":
         for c in range(nc):
             img_real, img_syn = ctx.siamese(ctx.real_batch(c, cfg.batch_real), image_syn[c * ipc:(c + 1) * ipc], c)
-            emb_real = net.embed(img_real).detach()
+            emb_real = embed_no_grad(net, img_real, compiled)
             loss = loss + ((emb_real.mean(0) - net.embed(img_syn).mean(0)) ** 2).sum()
     else:  # BatchNorm (all classes through together, as the reference does) or --kernel batched
         reals, syns = zip(*[ctx.siamese(ctx.real_batch(c, cfg.batch_real), image_syn[c * ipc:(c + 1) * ipc], c)
                             for c in range(nc)])
         sizes = [r.shape[0] for r in reals]
-        emb_real = net.embed(torch.cat(reals)).detach().split(sizes)
+        emb_real = embed_no_grad(net, torch.cat(reals), compiled).split(sizes)
         emb_syn = net.embed(torch.cat(syns)).split(ipc)
         for r, s in zip(emb_real, emb_syn):
             loss = loss + ((r.mean(0) - s.mean(0)) ** 2).sum()
@@ -283,7 +284,7 @@ class Condenser:
     def eval_settings(self, arch):
         c = self.cfg
         return eval_settings_for(arch, c.dataset, c.model, c.ipc, c.dsa_strategy, c.lr_net, c.batch_train,
-                                 c.epoch_eval_train, getattr(c, "compile_test", False))  # absent in older runs
+                                 c.epoch_eval_train, getattr(c, "compile", False))  # absent in older runs
 
     def evaluate(self, images, labels, exp: int, it: int) -> dict | None:
         """Trains num_eval models of every evaluation architecture; None if interrupted."""
@@ -296,7 +297,7 @@ class Condenser:
             group = auto_eval_batch(getattr(c, "eval_batch", None), self.device, c.num_eval)
             if s.compile_test and group > 1 and not self._warned_compile:
                 self._warned_compile = True
-                log.warning("--compile_test applies to models trained one by one; %d are trained together "
+                log.warning("--compile compiles the test pass of models trained one by one; %d are trained together "
                             "here (vmap, its own test pass): add --eval_batch 1 to compile the test pass", group)
             bar = tqdm(total=c.num_eval, desc=f"eval {arch} it {it}", leave=False, disable=None)
             for start in range(0, c.num_eval, group):

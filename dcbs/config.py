@@ -28,7 +28,7 @@ DEFAULTS = dict(
     epoch_eval_train=None, Iteration=1000, lr_img=0.1, lr_net=0.01, batch_real=256, batch_train=256,
     init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
     seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
-    kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None, compile_test=False, precision="fp32",
+    kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None, compile=False, precision="fp32",
 )
 # Batch Sampling (main_BS.py only)
 BS_DEFAULTS = dict(
@@ -77,11 +77,12 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
     a("--eval_batch", type=int, help="evaluation models trained together with torch.func.vmap (default: all "
                                      "--num_eval at once on CUDA, one by one on the CPU, where vmap measured slower); "
                                      "models with BatchNorm are always trained one by one")
-    a("--compile_test", action=argparse.BooleanOptionalAction, default=None,
-      help="run the evaluation's test pass through torch.compile (opt-in: 5-15 s of compilation once per "
-           "process and architecture, then 1.2-1.3x over the eager test pass on the 2-core CPU; needs a C++ compiler on the CPU, triton "
-           "on CUDA; models trained one by one only, see --eval_batch; same accuracies up to rounding; "
-           "--no-compile_test turns it off, e.g. on --resume)")
+    a("--compile", "--compile_test", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+      help="run the gradient-free forward passes through torch.compile: the evaluation's test pass (models "
+           "trained one by one only, see --eval_batch) and DM's real-image embeddings (opt-in: 5-15 s of "
+           "compilation once per process and architecture, then 1.2-1.3x over the eager passes on the 2-core "
+           "CPU; needs a C++ compiler on the CPU, triton on CUDA; same results up to rounding; --no-compile "
+           "turns it off, e.g. on --resume; --compile_test is its older name)")
     a("--epoch_eval_train", type=int, help="evaluation epochs (default 300; 1000 when evaluation augments)")
     a("--Iteration", type=int, help="condensation iterations (default 1000; DM 20000)")
     a("--lr_img", type=float, help="learning rate of the synthetic images (default 0.1; DM 1.0)")

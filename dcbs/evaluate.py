@@ -21,7 +21,7 @@ from .precision import upcast
 from .seeding import derive_seed, seeded
 
 __all__ = ["EvalSettings", "epoch", "evaluate_synset", "train_and_test", "test_accuracy", "minibatches",
-           "get_eval_pool", "check_compile", "compiled_forward", "eval_settings_for", "build_eval_model"]
+           "get_eval_pool", "check_compile", "compiled_forward", "embed_no_grad", "eval_settings_for", "build_eval_model"]
 
 EVAL_POOLS = {
     "M": ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"],
@@ -52,7 +52,7 @@ class EvalSettings:
     batch_train: int
     dsa_strategy: str          # 'none' unless DSA augmentation is used in evaluation
     dc_aug: dict | None        # DC augmentation parameters (get_daparam) or None
-    compile_test: bool = False  # test pass through torch.compile (--compile_test)
+    compile_test: bool = False  # test pass through torch.compile (--compile)
 
     @property
     def augmented(self) -> bool:
@@ -133,13 +133,43 @@ def epoch(mode, batches, net, optimizer, criterion, aug=None, amp=contextlib.nul
 
 
 def compiled_forward(net: nn.Module):
-    """``net`` under ``torch.compile`` for gradient-free passes (``--compile_test``).
+    """``net`` under ``torch.compile`` for gradient-free passes (``--compile``).
 
     Static shapes: a test set makes two batch shapes (256 and the remainder), each compiled
     once per process and architecture; later models of the same architecture reuse the code
     (0.2 s instead of 5-15 s on the 2-core CPU; ``test_accuracy`` leaves room for 64 variants). Inductor needs a C++ compiler on the CPU and
     triton on CUDA (``check_compile`` says so before a run starts)."""
     return torch.compile(net, dynamic=False)
+
+
+def _embed(net, x):
+    return net.embed(x)
+
+
+_compiled_embed = None
+
+
+def embed_no_grad(net: nn.Module, x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """``net.embed(x)`` without a graph (DM's real images); ``compiled`` runs it through
+    ``torch.compile`` (``--compile``).
+
+    One compiled function for all networks: the network is an argument, its parameters graph
+    inputs, so DM's fresh network of every iteration reuses the code compiled at the first (ad-hoc
+    check: four new ConvNets, one graph). Measured on the 2-core AVX-512 EPYC (2 threads,
+    FashionMNIST shape, one DM iteration at ipc 1, 7 interleaved rounds): 1.51 s eager, 1.30 s
+    compiled before the first block's pooling was folded in (``networks.conv_instance_norm_pool2x2``).
+    """
+    global _compiled_embed
+    with torch.no_grad():
+        if not compiled:
+            return net.embed(x)
+        if _compiled_embed is None:
+            _compiled_embed = torch.compile(_embed, dynamic=False)
+        with _room_to_recompile():
+            try:
+                return _compiled_embed(net, x)
+            except Exception as e:  # inductor raises many kinds
+                raise _compile_failed(e) from e
 
 
 def _room_to_recompile():
@@ -153,9 +183,9 @@ def _room_to_recompile():
 
 def _compile_failed(e: Exception) -> ConfigError:
     first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]  # one line, no hints
-    return ConfigError(f"--compile_test: torch.compile failed ({type(e).__name__}: {first}). "
+    return ConfigError(f"--compile: torch.compile failed ({type(e).__name__}: {first}). "
                        "It needs a C++ compiler on the CPU and triton on CUDA: install them, or run without "
-                       "--compile_test (a stopped run resumes with --no-compile_test)")
+                       "--compile (a stopped run resumes with --no-compile)")
 
 
 def check_compile(device) -> None:

@@ -139,16 +139,20 @@ def test_bench_speed_default_paths_leave_the_batched_kernel_to_cuda():
     assert paths(["--paths", "loop/plain", "batched/fast"]) == {"loop/plain", "batched/fast"}
 
 
-def test_bench_speed_compile_test_adds_a_compiled_test_pass_and_needs_the_evaluation():
+def test_bench_speed_compile_adds_a_compiled_test_pass_and_dm_iteration():
     bench = load_bench()
-    argv = ["--shapes", "FashionMNIST", "--ipcs", "2", "--methods", "DM", "--paths", "loop/plain", "loop/fast"]
-    tests = lambda extra: [bench.path_of(c) for c in bench.plan(bench.build_parser().parse_args(argv + extra))
-                           if c["kind"] == "test_pass"]
-    assert tests([]) == ["loop/plain", "loop/fast"]
-    assert tests(["--compile_test"]) == ["loop/plain", "loop/fast", "compiled/fast"]
-    r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", *argv, "--compile_test", "--no_eval"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--compile_test" in r.stderr and "--no_eval" in r.stderr
+    argv = ["--shapes", "FashionMNIST", "--ipcs", "2", "--paths", "loop/plain", "loop/fast"]
+    paths = lambda extra, kind, method="DM": [
+        bench.path_of(c) for c in bench.plan(bench.build_parser().parse_args(argv + ["--methods", method] + extra))
+        if c["kind"] == kind]
+    assert paths([], "test_pass") == paths([], "iter") == ["loop/plain", "loop/fast"]
+    for flag in ("--compile", "--compile_test"):                 # its older name
+        assert paths([flag], "test_pass") == paths([flag], "iter") == ["loop/plain", "loop/fast", "compiled/fast"]
+    assert paths(["--compile"], "iter", "DC") == ["loop/plain", "loop/fast"]   # DC/DSA: nothing compiled
+    assert paths(["--compile", "--no_eval"], "iter") == ["loop/plain", "loop/fast", "compiled/fast"]
+    r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", *argv, "--methods", "DC", "--compile",
+                        "--no_eval"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--compile" in r.stderr and "--no_eval" in r.stderr
 
 
 def _small_data(per_class: int = 12):

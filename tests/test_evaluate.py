@@ -142,7 +142,7 @@ def test_eval_batch_default_is_all_models_on_cuda_and_one_on_the_cpu():
 
 @needs_cxx
 def test_compiled_test_pass_gives_the_eager_logits_and_accuracy(monkeypatch):
-    """--compile_test: the compiled forward is used and predicts what the eager one does."""
+    """--compile: the compiled forward is used and predicts what the eager one does."""
     torch.manual_seed(0)
     net = build_model("ConvNetW32", 1, 10, (28, 28)).eval()
     x = torch.randn(300, 1, 28, 28)  # a batch of 256 and a remainder of 44: both shapes a test set makes
@@ -169,14 +169,18 @@ def test_compile_failure_is_a_config_error_that_names_the_flag(monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n\nSet TORCHDYNAMO_VERBOSE=1 ...")
     monkeypatch.setattr(ev.torch, "compile", lambda *a, **kw: broken)
-    with pytest.raises(ConfigError, match=r"--compile_test: torch.compile failed \(RuntimeError: InvalidCxx") as e:
+    with pytest.raises(ConfigError, match=r"--compile: torch.compile failed \(RuntimeError: InvalidCxx") as e:
         ev.check_compile("cpu")
-    assert "\n" not in str(e.value) and "without --compile_test" in str(e.value)
+    assert "\n" not in str(e.value) and "without --compile " in str(e.value)
     net = build_model("ConvNetW32", 1, 10, (28, 28))
     x, y = torch.randn(4, 1, 28, 28), torch.arange(4)
-    with pytest.raises(ConfigError, match="--compile_test"):
+    with pytest.raises(ConfigError, match="--compile"):
         ev.test_accuracy(net, x, y, compiled=True)
     assert ev.test_accuracy(net, x, y) >= 0.0  # the eager pass does not touch torch.compile
+    monkeypatch.setattr(ev, "_compiled_embed", None)
+    with pytest.raises(ConfigError, match="--compile: torch.compile failed"):
+        ev.embed_no_grad(net, x, compiled=True)
+    assert ev.embed_no_grad(net, x).shape == (4, 32 * 4 * 4)
 
 
 def test_compiled_test_pass_has_room_for_every_convnet_variant(monkeypatch):
@@ -199,3 +203,48 @@ def test_compiled_test_pass_has_room_for_every_convnet_variant(monkeypatch):
         assert len(graphs) == 2 * len(names)  # batches of 8 and 3 for each: none fell back to eager
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_embedding_is_one_graph_for_every_fresh_network(monkeypatch):
+    """DM builds a new network each iteration: the compiled embedding takes it as an argument, so
+    the code traced for the first serves the others (a recompile per iteration would cost seconds
+    each); no graph is kept for the real side."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(ev, "_compiled_embed", torch.compile(ev._embed, backend=counting, dynamic=False))
+    torch._dynamo.reset()
+    try:
+        x = torch.randn(6, 1, 28, 28)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            net = build_model("ConvNetW32", 1, 10, (28, 28))
+            for p in net.parameters():
+                p.requires_grad_(False)
+            got = ev.embed_no_grad(net, x, compiled=True)
+            torch.testing.assert_close(got, net.embed(x), rtol=1e-5, atol=1e-6)
+            assert not got.requires_grad
+        assert len(graphs) == 1
+    finally:
+        torch._dynamo.reset()
+
+
+@needs_cxx
+@pytest.mark.parametrize("model,channel,im_size", [("ConvNet", 1, (28, 28)), ("ConvNet", 3, (32, 32)),
+                                                   ("ConvNetBN", 1, (28, 28))])
+def test_compiled_embedding_gives_the_eager_embedding(monkeypatch, model, channel, im_size):
+    """Inductor's code for DM's real embeddings (with the first block's pooling folded in on the
+    one-channel shape) gives the eager embedding up to float32 rounding; BatchNorm in train mode
+    updates its running statistics as the eager pass does."""
+    monkeypatch.setattr(ev, "_compiled_embed", None)
+    torch.manual_seed(0)
+    nets = [build_model(model, channel, 10, im_size) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(20, channel, *im_size)
+    eager, compiled = (ev.embed_no_grad(net.train(), x, compiled=c) for net, c in zip(nets, (False, True)))
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for a, b in zip(nets[0].buffers(), nets[1].buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

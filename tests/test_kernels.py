@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import needs_cxx, run_cli
 from dcbs.augment import ParamDiffAug
 from dcbs.condense import Diagnostics, StepContext, distribution_matching_step, gradient_matching_step
 from dcbs.evaluate import has_batchnorm
@@ -55,7 +55,7 @@ def test_per_class_grads_equal_the_loop_with_uneven_batches(model):
 
 
 def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, layers=None, device="cpu",
-          precision="fp32"):
+          precision="fp32", compile=False):
     """One full iteration of the shared loop on ``device`` (the real data stays on the CPU, as
     ``StepContext.real_batch`` moves each batch); returns the loss row and the synthetic images
     after and before the step, on the CPU."""
@@ -63,7 +63,8 @@ def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.flo
         digits = dataclasses.replace(digits, images_train=digits.images_train.to(dtype))
     dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
     cfg = SimpleNamespace(ipc=ipc, batch_real=24, dsa_strategy=dsa, seed=seed, dis_metric="ours", lr_net=0.01,
-                          batch_train=256, kernel=kernel, method=method, precision=precision)
+                          batch_train=256, kernel=kernel, method=method, precision=precision,
+                          compile=compile)
     torch.manual_seed(seed)
     device = torch.device(device)
     net = build_model(model, digits.channel, digits.num_classes, digits.im_size, layers=layers).to(device, dtype)
@@ -79,6 +80,18 @@ def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.flo
     step = distribution_matching_step if method == "DM" else gradient_matching_step
     step(net, image_syn, label_syn, opt, ctx)
     return diag.row(0, 0), image_syn.detach().cpu(), start
+
+
+@needs_cxx
+@pytest.mark.parametrize("model", ["ConvNet", "ConvNetBN"])
+def test_compiled_real_embeddings_make_the_same_dm_update(digits, model):
+    """--compile runs DM's real-image embeddings through torch.compile: the same update as eager."""
+    sampler = ClassSampler(digits.indices_class, 11)
+    row_e, syn_e, start = _step("loop", model, "DM", digits, sampler, 2)
+    row_c, syn_c, _ = _step("loop", model, "DM", digits, sampler, 2, compile=True)
+    assert not torch.equal(syn_e, start)
+    assert_same_update(syn_c, syn_e, start)
+    assert row_c["loss"] == pytest.approx(row_e["loss"], rel=1e-4)
 
 
 def assert_same_update(syn_b, syn_l, start):

@@ -153,18 +153,22 @@ def test_invalid_flag_combinations_exit_before_training(tmp_path, script, extra,
     assert not any(os.scandir(tmp_path)), "nothing may be written before the checks pass"
 
 
-def test_compile_test_may_be_switched_on_and_off_on_resume(monkeypatch):
-    """--compile_test changes accuracies only by rounding: a resumed run may drop it (e.g. no compiler)."""
+def test_compile_may_be_switched_on_and_off_on_resume(monkeypatch):
+    """--compile changes results only by rounding: a resumed run may drop it (e.g. no compiler). A run
+    saved before the flag was renamed (``compile_test`` in its config) resumes with its setting."""
     from types import SimpleNamespace
     import dcbs.cli as cli
     from dcbs.config import build_parser, resolve
-    saved = {**vars(resolve(build_parser().parse_args(["--preset", "smoke", "--compile_test"]))),
+    saved = {**vars(resolve(build_parser().parse_args(["--preset", "smoke", "--compile"]))),
              "batch_sampling": False}
-    fake = SimpleNamespace(read_config=lambda: dict(saved))
-    monkeypatch.setattr(cli.RunDir, "open_for_resume", staticmethod(lambda path: fake))
-    for flags, expected in (([], True), (["--no-compile_test"], False), (["--compile_test"], True)):
-        _, cfg = cli.resume_config(build_parser().parse_args(["--resume", "somewhere", *flags]), False)
-        assert cfg["compile_test"] is expected, flags
+    older = {**{k: v for k, v in saved.items() if k != "compile"}, "compile_test": True}
+    for config in (saved, older):
+        fake = SimpleNamespace(read_config=lambda: dict(config))
+        monkeypatch.setattr(cli.RunDir, "open_for_resume", staticmethod(lambda path: fake))
+        for flags, expected in (([], True), (["--no-compile"], False), (["--no-compile_test"], False),
+                                (["--compile_test"], True)):
+            _, cfg = cli.resume_config(build_parser().parse_args(["--resume", "somewhere", *flags]), False)
+            assert cfg["compile"] is expected and "compile_test" not in cfg, flags
     with pytest.raises(cli.ConfigError, match="--ipc 3"):  # a setting that changes the result is still refused
         cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--no-compile_test", "--ipc", "3"]),
                           False)
