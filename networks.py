@@ -128,6 +128,24 @@ class AvgPool2x2(nn.Module):
 _FUSE_MAX_TAPS = 27
 
 
+def _conv_instance_norm_terms(x, conv: nn.Conv2d, norm: nn.GroupNorm):
+    """What ``conv_instance_norm`` and ``conv_instance_norm_pool2x2`` are built from: the input
+    patches centred per sample ([n, K, L]), the flattened weights ([C, K]), each sample's scale of
+    each output channel (gamma / std, [n, C]), the shift (beta; the conv bias enters as ``b - b``)
+    and the output map's size. The statistics stay fp32 under autocast, as autocast keeps norms."""
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    ho, wo = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
+    patches = F.unfold(x, (kh, kw), padding=(ph, pw))                       # [n, K, L]
+    centred = patches - patches.mean(-1, keepdim=True)
+    with torch.autocast(x.device.type, enabled=False):
+        cov = centred @ centred.transpose(1, 2) / centred.shape[-1]         # [n, K, K]
+        w = conv.weight.flatten(1)                                          # [C, K]
+        var = ((w @ cov) * w).sum(-1)                                       # [n, C]
+    scale = norm.weight * torch.rsqrt(var + norm.eps)
+    shift = norm.bias if conv.bias is None else norm.bias + (conv.bias - conv.bias)
+    return centred, w, scale, shift, (ho, wo)
+
+
 def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | None = None,
                        channels_last: bool = False):
     """``act(norm(conv(x)))`` for an instance norm (one group per channel), as one matmul per sample.
@@ -152,16 +170,7 @@ def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | 
     the statistics stay fp32, as autocast keeps norms in fp32 on CUDA; the last matmul runs in bf16.
     """
     n = x.shape[0]
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    ho, wo = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
-    patches = F.unfold(x, (kh, kw), padding=(ph, pw))                       # [n, K, L]
-    centred = patches - patches.mean(-1, keepdim=True)
-    with torch.autocast(x.device.type, enabled=False):     # statistics in fp32 under autocast, as norms are
-        cov = centred @ centred.transpose(1, 2) / centred.shape[-1]         # [n, K, K]
-        w = conv.weight.flatten(1)                                          # [C, K]
-        var = ((w @ cov) * w).sum(-1)                                       # [n, C]
-    scale = norm.weight * torch.rsqrt(var + norm.eps)
-    shift = norm.bias if conv.bias is None else norm.bias + (conv.bias - conv.bias)
+    centred, w, scale, shift, (ho, wo) = _conv_instance_norm_terms(x, conv, norm)
     lhs = torch.cat([scale.unsqueeze(-1) * w, shift.expand(n, -1).unsqueeze(-1)], dim=-1)
     rhs = torch.cat([centred, centred.new_ones(n, 1, centred.shape[-1])], dim=1)
     z = rhs.transpose(1, 2) @ lhs.transpose(1, 2) if channels_last else lhs @ rhs   # [n, L, C] or [n, C, L]
@@ -181,28 +190,22 @@ def conv_instance_norm_pool2x2(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.M
     """``AvgPool2x2(act(norm(conv(x))))`` as one elementwise expression over the pooled map, for
     gradient-free calls under ``torch.compile`` (``--compile``: the test pass, DM's real embeddings).
 
-    The statistics are ``conv_instance_norm``'s. Each pooled value is then written out as the mean
-    of ``act`` over its 2x2 window, each of the four a sum of K products of a centred patch value
-    and a scaled weight: inductor makes that one vectorised loop which reads the small patch tensor
-    and writes only the pooled map, where ``conv_instance_norm`` writes the full map (a matmul,
-    134 MB for 256 32x32x128 maps) and the pooling reads it again. Measured on the 2-core AVX-512
-    EPYC (2 threads, 256 FashionMNIST-shaped images, ad-hoc kernel profile): the block 22 -> 8.6 ms
-    of a 125 -> 114 ms compiled ConvNet forward. Eagerly it would be slower (K+1 passes over the
-    pooled map), so ``ConvBlock`` calls it only while compiling, and only for K <= 9 taps. Returns an NCHW view with
-    channels-last strides, the layout the channels-last blocks after it take; an odd last row or
+    The statistics are ``conv_instance_norm``'s (``_conv_instance_norm_terms``). Each pooled
+    value is then written out as the mean of ``act`` over its 2x2 window, each of the four a sum
+    of K products of a centred patch value and a scaled weight: inductor makes that one vectorised
+    loop which reads the small patch tensor and writes only the pooled map, where
+    ``conv_instance_norm`` writes the full map (a matmul, 134 MB for 256 32x32x128 maps) and the
+    pooling reads it again. Measured on the 2-core AVX-512 EPYC (2 threads, 256 FashionMNIST-shaped
+    images, ad-hoc kernel profile): the block 22 -> 8.6 ms of a 125 -> 114 ms compiled ConvNet
+    forward. Eagerly it would be slower (K+1 passes over the pooled map), so ``ConvBlock`` calls
+    it only while compiling, and only for K <= 9 taps. Returns an NCHW view with channels-last
+    strides, the layout the channels-last blocks after it take; an odd last row or
     column is dropped, as the pooling does. Exact up to rounding (tests/test_fast_ops.py).
     """
     n = x.shape[0]
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    ho, wo = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
-    patches = F.unfold(x, (kh, kw), padding=(ph, pw))                       # [n, K, L]
-    centred = patches - patches.mean(-1, keepdim=True)
+    centred, w, scale, shift, (ho, wo) = _conv_instance_norm_terms(x, conv, norm)
     k = centred.shape[1]
-    cov = centred @ centred.transpose(1, 2) / centred.shape[-1]             # [n, K, K]
-    w = conv.weight.flatten(1)                                              # [C, K]
-    var = ((w @ cov) * w).sum(-1)                                           # [n, C]
-    lhs = (norm.weight * torch.rsqrt(var + norm.eps)).unsqueeze(1) * w.t()  # [n, K, C]
-    shift = norm.bias if conv.bias is None else norm.bias + (conv.bias - conv.bias)
+    lhs = scale.unsqueeze(1) * w.t()                                        # [n, K, C]
     h2, w2 = ho // 2, wo // 2
     windows = centred.view(n, k, ho, wo)[..., :2 * h2, :2 * w2].reshape(n, k, h2, 2, w2, 2)
     pooled = 0
