@@ -223,7 +223,12 @@ def _fusable(conv: nn.Module, norm: nn.Module | None) -> bool:
             and norm.num_groups == norm.num_channels == conv.out_channels
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= _FUSE_MAX_TAPS)
+            and _taps(conv) <= _FUSE_MAX_TAPS)
+
+
+def _taps(conv: nn.Conv2d) -> int:
+    """Input values per output value of a convolution (K of its im2col)."""
+    return conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
 
 
 class ConvBlock(nn.Sequential):
@@ -252,8 +257,7 @@ class ConvBlock(nn.Sequential):
         # the fused block's pooling folded in while compiling: conv, norm, an elementwise act, AvgPool2x2
         self.pool_fusable = (self.fuse and len(layers) == 4 and type(layers[2]) in _ELEMENTWISE_ACTS
                              and type(layers[3]) is AvgPool2x2 and layers[3].fast
-                             and layers[0].in_channels * layers[0].kernel_size[0] * layers[0].kernel_size[1]
-                             <= _POOL_FOLD_MAX_TAPS)
+                             and _taps(layers[0]) <= _POOL_FOLD_MAX_TAPS)
 
     def forward(self, x):
         if x.device.type == "cpu" and x.dim() == 4:

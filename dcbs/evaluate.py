@@ -165,11 +165,7 @@ def embed_no_grad(net: nn.Module, x: torch.Tensor, compiled: bool = False) -> to
             return net.embed(x)
         if _compiled_embed is None:
             _compiled_embed = torch.compile(_embed, dynamic=False)
-        with _room_to_recompile():
-            try:
-                return _compiled_embed(net, x)
-            except Exception as e:  # inductor raises many kinds
-                raise _compile_failed(e) from e
+        return _call_compiled(_compiled_embed, net, x)
 
 
 def _room_to_recompile():
@@ -179,6 +175,16 @@ def _room_to_recompile():
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older torch
     return cfg.patch(**{name: max(64, getattr(cfg, name))})
+
+
+def _call_compiled(fn, *args):
+    """``fn(*args)`` for a compiled ``fn``, with room to recompile; a compiler failure becomes the
+    one-line ConfigError of ``_compile_failed``."""
+    with _room_to_recompile():
+        try:
+            return fn(*args)
+        except Exception as e:  # inductor raises many kinds (BackendCompilerFailed, CalledProcessError, ...)
+            raise _compile_failed(e) from e
 
 
 def _compile_failed(e: Exception) -> ConfigError:
@@ -191,11 +197,8 @@ def _compile_failed(e: Exception) -> ConfigError:
 def check_compile(device) -> None:
     """Compiles and runs a tiny convolution block on ``device``; ConfigError if torch.compile cannot."""
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GroupNorm(2, 2), nn.ReLU()).to(device).eval()
-    try:
-        with torch.inference_mode():
-            compiled_forward(net)(torch.zeros(1, 1, 4, 4, device=device))
-    except Exception as e:  # inductor raises many kinds (BackendCompilerFailed, CalledProcessError, ...)
-        raise _compile_failed(e) from e
+    with torch.inference_mode():
+        _call_compiled(compiled_forward(net), torch.zeros(1, 1, 4, 4, device=device))
 
 
 @torch.inference_mode()
@@ -209,16 +212,10 @@ def test_accuracy(net, images, labels, batch_size: int = 256, compiled: bool = F
     net.eval()
     fwd = compiled_forward(net) if compiled else net
     correct = None
-    with _room_to_recompile() if compiled else contextlib.nullcontext():
-        for img, lab in minibatches(images, labels, batch_size):
-            try:
-                out = fwd(img)[0]
-            except Exception as e:
-                if not compiled:
-                    raise
-                raise _compile_failed(e) from e
-            c = (out.argmax(1) == lab).sum()
-            correct = c if correct is None else correct + c
+    for img, lab in minibatches(images, labels, batch_size):
+        out = (_call_compiled(fwd, img) if compiled else fwd(img))[0]
+        c = (out.argmax(1) == lab).sum()
+        correct = c if correct is None else correct + c
     return float(correct) / images.shape[0]
 
 
