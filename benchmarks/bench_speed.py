@@ -147,10 +147,49 @@ def write_report(out: str, t0: float, body: dict, **meta) -> None:
 
 
 def _flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
+    """FLOPs of one call of ``fn``, by ``torch.utils.flop_counter``'s formulas (``flop_count_mode``)."""
+    with flop_count_mode()() as fc:
         fn()
-    return float(fc.get_total_flops())
+    return float(fc.total)
+
+
+def flop_count_mode():
+    """The class of a FLOP-counting dispatch mode (``with flop_count_mode()() as fc: ...; fc.total``),
+    built on call so that importing this script does not import torch."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class _FlopCount(TorchDispatchMode):
+        """Counts FLOPs as ``torch.utils.flop_counter.FlopCounterMode`` does (its formulas; an op
+        without one is decomposed where it can be, as there), without its per-module attribution.
+
+        Why not FlopCounterMode itself: its ModuleTracker made the peak RSS of the call it counts
+        non-deterministic. bench_speed's DC ipc-10 evaluation under it read 1420-1914 MB in most
+        runs and 5109-6338 MB in 4 of 14 (2-core AVX-512 EPYC, torch 2.14.1, each run in a process
+        of its own, same seed; the heap growth was in the training epochs). Under this mode the
+        same call read 1235-1284 MB in 6 of 6 runs, and 1234-1381 MB without any counter in 8 of 8
+        (results/README.md, tenth round). The counted call is the warm-up, whose peak is the
+        case's peak memory, so the counter must not add to it."""
+
+        def __init__(self):
+            super().__init__()
+            self.total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func not in flop_registry and func is not torch.ops.prim.device.default:
+                with self:                          # FlopCounterMode's rule, kept as it is
+                    out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    return _FlopCount
 
 
 PATHS = ("loop/plain", "loop/fast", "batched/fast", "batched/plain", "loop/fast/bf16", "batched/fast/bf16")

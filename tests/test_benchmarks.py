@@ -69,6 +69,36 @@ def test_bench_reference_refuses_to_run_without_the_reference_code(tmp_path):
     assert not out.exists()
 
 
+def test_bench_speed_counts_the_flops_torchs_flop_counter_counts():
+    """bench_speed counts FLOPs with its own dispatch mode over torch.utils.flop_counter's formulas
+    (FlopCounterMode's module tracker made the counted call's peak memory erratic): the totals must
+    be FlopCounterMode's, for a training step (the fused first block, a double backward) and for a
+    gradient-free pass under inference_mode (conv2d is decomposed there before it is counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from networks import build_model, ops
+    bench = load_bench()
+    x = torch.randn(6, 1, 28, 28, requires_grad=True)
+    y = torch.arange(6) % 4
+    with ops("fast"):
+        net = build_model("ConvNet", 1, 4, (28, 28))
+
+    def step():
+        gw = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x)[0], y), list(net.parameters()),
+                                 create_graph=True)
+        sum((g ** 2).sum() for g in gw).backward()       # as a DC step updates its images
+
+    def test_pass():
+        with torch.inference_mode():
+            net(x.detach())
+
+    for fn in (step, test_pass):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        assert fc.get_total_flops() > 0
+        assert bench._flops(fn) == fc.get_total_flops()
+
+
 def test_bench_speed_times_the_straightforward_and_the_fast_path(tmp_path):
     out = tmp_path / "speed.json"
     r = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--shapes", "FashionMNIST", "--methods", "DM",
