@@ -71,7 +71,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_speed, beside this file
 from bench_speed import (_data, case_fns, ceiling_gflops, ceiling_probe, compose, flops_and_warm_up,  # noqa: E402
-                         interleaved, write_report)   # bench_speed's rules and helpers; it puts the repository on sys.path
+                         interleaved, onednn_gemm_gflops, write_report)   # bench_speed's rules and helpers; it puts the repository on sys.path
 
 CLONE = "git clone https://github.com/VICO-UoE/DatasetCondensation"
 SHAPE = "FashionMNIST"
@@ -459,9 +459,10 @@ def main(argv=None):
     ceiling = start_ceiling = ceiling_gflops("cpu")
     probe, probe_flops = ceiling_probe("cpu")
     data = _data(SHAPE, device)
+    onednn = onednn_gemm_gflops()
     print(f"reference: {ref.__file__}; ours with --ops {args.ops}"
           f"{' (and with --compile)' if args.compile else ''}; {torch.get_num_threads()} threads; "
-          f"ceiling {ceiling:.0f} GFLOP/s", flush=True)
+          f"ceiling {ceiling:.0f} GFLOP/s (torch.matmul); oneDNN's GEMM {onednn:.0f} GFLOP/s", flush=True)
 
     rows, profiles = [], {}
     for method, ipc in jobs(args.methods, args.ipcs):
@@ -514,7 +515,8 @@ def main(argv=None):
     write_report(args.out, t0, {"rows": rows, "profile": profiles}, ops=args.ops, compile=args.compile,
                  bf16=args.bf16,
                  threads=torch.get_num_threads(),
-                 repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=start_ceiling, reference_dir=ref_dir,
+                 repeats=args.repeats, warmup=1, interleaved=True, ceiling_gflops=start_ceiling,
+                 onednn_gemm_gflops=onednn, reference_dir=ref_dir,
                  reference_revision=git_revision(ref_dir), argv=sys.argv[1:] if argv is None else list(argv))
     return 0
 

@@ -113,6 +113,9 @@ def test_bench_speed_times_the_straightforward_and_the_fast_path(tmp_path):
     assert [row["n"] for row in rows] == [2, 2]              # one repetition in each of two rounds
     assert all(row["gflop"] > 0 and row["peak_mb"] > 0 for row in rows)
     assert "speed-up over loop/plain" in r.stdout
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["ceiling_gflops"] > 0 and meta["onednn_gemm_gflops"] > 0     # both GEMM rates, printed too
+    assert "oneDNN's GEMM" in r.stdout
 
 
 def test_bench_ops_times_plain_and_fast_layers(tmp_path):
