@@ -165,10 +165,10 @@ def flop_count_mode():
         without one is decomposed where it can be, as there), without its per-module attribution.
 
         Why not FlopCounterMode itself: its ModuleTracker made the peak RSS of the call it counts
-        non-deterministic. bench_speed's DC ipc-10 evaluation under it read 1420-1914 MB in most
-        runs and 5109-6338 MB in 4 of 14 (2-core AVX-512 EPYC, torch 2.14.1, each run in a process
-        of its own, same seed; the heap growth was in the training epochs). Under this mode the
-        same call read 1235-1284 MB in 6 of 6 runs, and 1234-1381 MB without any counter in 8 of 8
+        non-deterministic. bench_speed's DC ipc-10 evaluation under it read 1423-1914 MB in most
+        runs and 5109-6338 MB in 4 of 15 (2-core AMD Zen 5 EPYC, torch 2.14.1, each run in a process
+        of its own, same seed; the heap grew in the training epochs). Under a mode like this one the
+        same call read 1235-1403 MB in 8 of 8 runs, and 1234-1380 MB without any counter in 8 of 8
         (results/README.md, tenth round). The counted call is the warm-up, whose peak is the
         case's peak memory, so the counter must not add to it."""
 
