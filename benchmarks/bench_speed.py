@@ -164,8 +164,8 @@ def flop_count_mode():
         """Counts FLOPs as ``torch.utils.flop_counter.FlopCounterMode`` does (its formulas; an op
         without one is decomposed where it can be, as there), without its per-module attribution.
 
-        Why not FlopCounterMode itself: its ModuleTracker made the peak RSS of the call it counts
-        non-deterministic. bench_speed's DC ipc-10 evaluation under it read 1423-1914 MB in most
+        Why not FlopCounterMode itself: it made the peak RSS of the call it counts non-deterministic
+        (its module tracker, which this mode leaves out, is the suspect). bench_speed's DC ipc-10 evaluation under it read 1423-1914 MB in most
         runs and 5109-6338 MB in 4 of 15 (2-core AMD Zen 5 EPYC, torch 2.14.1, each run in a process
         of its own, same seed; the heap grew in the training epochs). Under a mode like this one the
         same call read 1235-1403 MB in 8 of 8 runs, and 1234-1380 MB without any counter in 8 of 8
@@ -424,9 +424,9 @@ def onednn_gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
     """fp32 rate of an n x n x n matrix product run by oneDNN (as a 1x1 convolution over n pixels), CPU.
 
     The ceiling the speed targets use is ``ceiling_gflops``: torch.matmul, i.e. MKL's sgemm. On the
-    2-core AMD Zen 5 VM (family 26) MKL reads 170-200 GFLOP/s while this reads ~320 and oneDNN's 3x3
-    convolutions reach 250-430 in our passes, so there the matmul ceiling understates the machine
-    (on the Zen 4 VMs of earlier rounds the two agreed better); both are printed and saved."""
+    2-core AMD Zen 5 VM (family 26) MKL reads 169-202 GFLOP/s while this reads 318-394 and oneDNN's
+    3x3 convolutions reach 250-430 in our passes, so there the matmul ceiling understates the
+    machine (results/README.md, tenth round); both are printed and saved."""
     import torch
     x = torch.randn(1, n, 32, n // 32)
     w = torch.randn(n, n, 1, 1)
