@@ -416,8 +416,12 @@ def ceiling_gflops(device_name: str, n: int = 2048, repeats: int = 10) -> float:
     device = torch.device(device_name)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    ts = _timed(lambda: a @ b, device, repeats)
-    return 2 * n ** 3 / statistics.median(ts) / 1e9
+    return _gemm_rate(lambda: a @ b, device, n, repeats)
+
+
+def _gemm_rate(product, device, n: int, repeats: int) -> float:
+    """GFLOP/s of ``product``, an n x n x n matrix product: median of ``repeats`` timed calls."""
+    return 2 * n ** 3 / statistics.median(_timed(product, device, repeats)) / 1e9
 
 
 def onednn_gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -430,8 +434,7 @@ def onednn_gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
     import torch
     x = torch.randn(1, n, 32, n // 32)
     w = torch.randn(n, n, 1, 1)
-    ts = _timed(lambda: torch.nn.functional.conv2d(x, w), torch.device("cpu"), repeats)
-    return 2 * n ** 3 / statistics.median(ts) / 1e9
+    return _gemm_rate(lambda: torch.nn.functional.conv2d(x, w), torch.device("cpu"), n, repeats)
 
 
 def ceiling_probe(device_name: str, n: int = 2048, calls: int = 5):
