@@ -179,6 +179,165 @@ def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | 
     return z.view(n, ho, wo, -1).permute(0, 3, 1, 2) if channels_last else z.view(n, -1, ho, wo)
 
 
+# The fused first block's map is the network's largest (256 FashionMNIST- or CIFAR-shaped images:
+# 256 x 128 x 32 x 32 floats, 134 MB): conv_instance_norm writes it, the ReLU and the pooling read
+# and write it again, and the backward spreads the pooled gradient over it, masks it and reads it
+# once more. conv_relu_pool2x2 does that work in chunks of samples whose map fits in cache.
+_CHUNK_BYTES = 4 << 20
+
+
+def _window_major(rhs, ho: int, wo: int):
+    """``rhs``'s columns (one per output position, [n, K, ho*wo]) reordered so that the four
+    positions of each 2x2 pooling window lie in four contiguous blocks: [n, K, 4 * h2 * w2], block
+    ``2 * dy + dx`` holding position (2i + dy, 2j + dx) at column i * w2 + j. An odd last row or
+    column, which the pooling drops, is left out (its gradient is zero)."""
+    n, k, _ = rhs.shape
+    h2, w2 = ho // 2, wo // 2
+    r = rhs.view(n, k, ho, wo)[..., :2 * h2, :2 * w2].reshape(n, k, h2, 2, w2, 2)
+    return r.permute(0, 1, 3, 5, 2, 4).reshape(n, k, 4 * h2 * w2)
+
+
+def _pool_blocks_into(z, dim: int, out):
+    """``out`` = the mean of the four window blocks of ``z`` (its dimension ``dim``, of size 4),
+    summed as ``_AvgPool2x2Fn`` sums a window (rows first, then columns: (z0 + z2) + (z1 + z3)), so
+    the values are the same to the bit."""
+    z0, z1, z2, z3 = z.unbind(dim)
+    torch.add(z0, z2, out=out)
+    return out.add_(torch.add(z1, z3)).mul_(0.25)
+
+
+def _chunk(n_per_sample: int, element_size: int) -> int:
+    return max(1, _CHUNK_BYTES // (n_per_sample * element_size))
+
+
+def _refuse_create_graph():
+    """The hand-written backward passes below are not differentiable. ``once_differentiable``
+    would not do here: ``autograd.grad(..., inputs=weights)`` prunes its error node and returns a
+    second derivative without these paths, a wrong value. So a backward asked to build a graph
+    (``create_graph=True``) stops with what to do instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "this ConvNet call took the fast first-order path (its input needs no gradient), whose "
+            "backward cannot be differentiated again (create_graph=True); make the input require a "
+            "gradient (x.requires_grad_()) to run the differentiable layers, or build the model "
+            "with --ops plain")
+
+
+class _ReluPool2x2Fn(torch.autograd.Function):
+    """``AvgPool2x2(relu(lhs @ rhs))`` with ``rhs`` in window-major order, for a call that needs
+    the gradient of ``lhs`` only (the weights'; not the input's, not a double backward).
+
+    Forward, per chunk of samples: the matmul into the saved map ``z`` (the ReLU's output, which
+    the layers in order save too), the ReLU in place and the pooling while the chunk is in cache.
+    Backward, per chunk: the pooled gradient / 4 broadcast over the four window blocks and masked by
+    ``z > 0`` in one ``threshold_backward``, then the matmul with ``rhs``. The layers in order make
+    four passes over the full map for that (two spreading copies, the ReLU backward, the matmul).
+    ``channels_last``: the map is [n, 4 q, C] and the pooled output channels-last, for a block after
+    it that trains channels-last (``_NhwcTrainBlockFn``); MKL's matmuls with K = 9 or 27 rows are
+    also ~2x faster this way round ([8, 1024, 10] x [8, 10, 128]: 0.19 vs 0.42 ms, ad-hoc).
+    """
+
+    @staticmethod
+    def forward(ctx, lhs, rhs, pooled_hw, channels_last):
+        n, c, _ = lhs.shape
+        q = pooled_hw[0] * pooled_hw[1]
+        m = _chunk(c * 4 * q, lhs.element_size())
+        if channels_last:
+            z = lhs.new_empty(n, 4 * q, c)
+            out = lhs.new_empty(n, q, c)
+            lt, rt = lhs.transpose(1, 2), rhs.transpose(1, 2)
+            for i in range(0, n, m):
+                zc = torch.bmm(rt[i:i + m], lt[i:i + m], out=z[i:i + m]).relu_()
+                _pool_blocks_into(zc.view(-1, 4, q, c), 1, out[i:i + m])
+            out = out.view(n, *pooled_hw, c).permute(0, 3, 1, 2)
+        else:
+            z = lhs.new_empty(n, c, 4 * q)
+            out = lhs.new_empty(n, c, *pooled_hw)
+            for i in range(0, n, m):
+                zc = torch.bmm(lhs[i:i + m], rhs[i:i + m], out=z[i:i + m]).relu_()
+                _pool_blocks_into(zc.view(-1, c, 4, q), 2, out[i:i + m].view(-1, c, q))
+        ctx.save_for_backward(rhs, z)
+        ctx.channels_last = channels_last
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_create_graph()
+        rhs, z = ctx.saved_tensors
+        n, k = rhs.shape[:2]
+        c, q = grad.shape[1], grad.shape[2] * grad.shape[3]
+        m = _chunk(c * 4 * q, z.element_size())
+        grad_lhs = z.new_empty(n, c, k)
+        if ctx.channels_last:
+            grad = grad.permute(0, 2, 3, 1).reshape(n, 1, q, c)             # a view when channels-last
+            for i in range(0, n, m):
+                zc = z[i:i + m].view(-1, 4, q, c)
+                g = torch.ops.aten.threshold_backward((grad[i:i + m] * 0.25).expand_as(zc), zc, 0)
+                grad_lhs[i:i + m].copy_(torch.bmm(rhs[i:i + m], g.view(-1, 4 * q, c)).transpose(1, 2))
+        else:
+            grad = grad.contiguous().view(n, c, 1, q)
+            for i in range(0, n, m):
+                zc = z[i:i + m].view(-1, c, 4, q)
+                g = torch.ops.aten.threshold_backward((grad[i:i + m] * 0.25).expand_as(zc), zc, 0)
+                torch.bmm(g.view(-1, c, 4 * q), rhs[i:i + m].transpose(1, 2), out=grad_lhs[i:i + m])
+        return grad_lhs, None, None, None
+
+
+def conv_relu_pool2x2(x, conv: nn.Conv2d, norm: nn.GroupNorm, channels_last: bool = False):
+    """``AvgPool2x2(relu(norm(conv(x))))`` for an instance norm: ``conv_instance_norm``'s matmul with
+    the ReLU and the pooling done per chunk of samples in cache (``_ReluPool2x2Fn``).
+
+    For calls that need no gradient of ``x`` (the real batches' gradients, the inner loop's and
+    evaluation's training steps, the test pass, DM's real side): with a gradient of the weights the
+    backward is ``_ReluPool2x2Fn``'s, which supports no double backward (an error, not a wrong
+    value), and ``ConvBlock`` sends a call whose input needs a gradient (the synthetic side) or runs
+    inside ``torch.func`` transforms to the differentiable ``conv_instance_norm``. Without a gradient
+    the map is not kept and, with ``channels_last``, the matmul is taken the other way round so the
+    pooled map comes out channels-last for the blocks after it.
+
+    The same values as the layers in order up to rounding (float64: tests/test_fast_ops.py): the
+    forward's float32 values are those of ``conv_instance_norm`` (its matmul taken the same way
+    round) and ``AvgPool2x2`` to the bit, the gradients' summation order differs (rounding only).
+    Measured on the 2-core Zen 5 EPYC (2 threads, 256 FashionMNIST-shaped images, 9 interleaved
+    calls, ad-hoc script), NCHW: the first block's forward ~28 -> 24 ms, its backward ~35 -> 17 ms;
+    results/README.md (eleventh round).
+    Under autocast (``--precision bf16``) the matmuls, ReLU and pooling run in bf16, as they do in
+    the layers in order there, and the statistics stay fp32.
+    """
+    n = x.shape[0]
+    centred, w, scale, shift, (ho, wo) = _conv_instance_norm_terms(x, conv, norm)
+    lhs = torch.cat([scale.unsqueeze(-1) * w, shift.expand(n, -1).unsqueeze(-1)], dim=-1)
+    rhs = torch.cat([centred, centred.new_ones(n, 1, centred.shape[-1])], dim=1)
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        lhs, rhs = lhs.to(dtype), rhs.to(dtype)
+    rhs = _window_major(rhs, ho, wo)
+    pooled_hw = (ho // 2, wo // 2)
+    with torch.autocast(kind, enabled=False):
+        if torch.is_grad_enabled() and lhs.requires_grad:
+            return _ReluPool2x2Fn.apply(lhs, rhs, pooled_hw, channels_last)
+        return _relu_pool2x2_no_grad(lhs, rhs, pooled_hw, channels_last)
+
+
+def _relu_pool2x2_no_grad(lhs, rhs, pooled_hw, channels_last: bool):
+    n, c, _ = lhs.shape
+    q = pooled_hw[0] * pooled_hw[1]
+    m = _chunk(c * 4 * q, lhs.element_size())
+    if channels_last:
+        out = lhs.new_empty(n, q, c)
+        lt, rt = lhs.transpose(1, 2), rhs.transpose(1, 2)
+        for i in range(0, n, m):
+            zc = torch.bmm(rt[i:i + m], lt[i:i + m]).relu_()                   # [m, 4 q, c]
+            _pool_blocks_into(zc.view(-1, 4, q, c), 1, out[i:i + m])
+        return out.view(n, *pooled_hw, c).permute(0, 3, 1, 2)
+    out = lhs.new_empty(n, c, q)
+    for i in range(0, n, m):
+        zc = torch.bmm(lhs[i:i + m], rhs[i:i + m]).relu_()                      # [m, c, 4 q]
+        _pool_blocks_into(zc.view(-1, c, 4, q), 2, out[i:i + m])
+    return out.view(n, c, *pooled_hw)
+
+
 # conv_instance_norm_pool2x2 unrolls 4 x K products per pooled value: at K = 9 (one input channel)
 # inductor's loop beats the matmul and separate pooling (a compiled FashionMNIST-shaped ConvNet
 # forward 124.6 -> 113.9 ms), at K = 27 (CIFAR) it loses (139.5 -> 182.3 ms; 2-core AVX-512 EPYC,
@@ -218,12 +377,14 @@ def conv_instance_norm_pool2x2(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.M
     return (pooled * 0.25).permute(0, 3, 1, 2)                              # [n, C, h2, w2], channels-last
 
 
-def _fusable(conv: nn.Module, norm: nn.Module | None) -> bool:
+def _fusable(conv: nn.Module, norm: nn.Module | None, max_taps: int | None = _FUSE_MAX_TAPS) -> bool:
+    """A stride-1 zero-padded convolution followed by an affine instance norm (``max_taps``: at most
+    that many input values per output value; None: any)."""
     return (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.GroupNorm) and norm.affine
             and norm.num_groups == norm.num_channels == conv.out_channels
             and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and _taps(conv) <= _FUSE_MAX_TAPS)
+            and (max_taps is None or _taps(conv) <= max_taps))
 
 
 def _taps(conv: nn.Conv2d) -> int:
@@ -247,6 +408,16 @@ class ConvBlock(nn.Sequential):
     by such a block (``channels_last_out``) then writes its map channels-last, so no layout
     conversion lies between them (the test pass 1.01-1.045x faster than converting the pooled
     map: two ad-hoc A/Bs of 7 interleaved passes; results/README.md, seventh round).
+
+    In training, where the call is differentiated once (``ConvNet.forward_blocks`` passes
+    ``first_order`` when the network's input needs no gradient: the real batches' gradients, the
+    inner loop's and evaluation's steps), a fused first block with ReLU and ``AvgPool2x2`` runs
+    ``conv_relu_pool2x2`` and the blocks after it with an instance norm, ReLU and ``AvgPool2x2``
+    (``nhwc_train``) run ``_NhwcTrainBlockFn``: channels-last convolutions, whose times are also
+    steadier than NCHW's on the Zen 5 EPYC (isolated 256x128x16x16 backward: 93-107 ms in eight
+    medians of 9 calls, NCHW 100-175 ms), and the norm, ReLU and pooling per chunk in cache, forward and backward.
+    The synthetic side (its input needs a gradient, differentiated twice) and bf16 autocast keep the
+    layers in order. results/README.md, eleventh round.
     """
 
     def __init__(self, *layers: nn.Module, fuse: bool = False):
@@ -254,16 +425,31 @@ class ConvBlock(nn.Sequential):
         self.fuse = bool(fuse) and len(layers) >= 3 and _fusable(layers[0], layers[1])
         self.nhwc = _ops == "fast" and not self.fuse and _nhwc_layers(layers) is not None
         self.channels_last_out = False          # the fused block's map, where the next block is nhwc: ConvNet
+        self.channels_last_train_out = False    # ... also in training, where the next block is nhwc_train
         # the fused block's pooling folded in while compiling: conv, norm, an elementwise act, AvgPool2x2
         self.pool_fusable = (self.fuse and len(layers) == 4 and type(layers[2]) in _ELEMENTWISE_ACTS
                              and type(layers[3]) is AvgPool2x2 and layers[3].fast
                              and _taps(layers[0]) <= _POOL_FOLD_MAX_TAPS)
+        # conv, norm, ReLU and AvgPool2x2 with the ReLU and pooling done in cache: conv_relu_pool2x2
+        self.relu_pool = (self.fuse and len(layers) == 4 and type(layers[2]) is nn.ReLU
+                          and type(layers[3]) is AvgPool2x2 and layers[3].fast)
+        # a channels-last block that trains channels-last too, where the call is differentiated once
+        self.nhwc_train = (self.nhwc and len(layers) == 4 and _fusable(layers[0], layers[1], max_taps=None)
+                           and type(layers[2]) is nn.ReLU and type(layers[3]) is AvgPool2x2 and layers[3].fast)
 
-    def forward(self, x):
+    def forward(self, x, first_order: bool = False):
+        """``first_order``: the caller (``ConvNet.forward_blocks``) knows the call is differentiated
+        at most once (its network input needs no gradient), so a ``nhwc_train`` block may run
+        ``_NhwcTrainBlockFn``."""
         if x.device.type == "cpu" and x.dim() == 4:
             if self.fuse:
                 if self.pool_fusable and torch.compiler.is_compiling() and not _needs_grad(x, self):
                     return conv_instance_norm_pool2x2(x, self[0], self[1], self[2])
+                if (self.relu_pool and not torch.compiler.is_compiling() and not _input_needs_grad(x)
+                        and min(_conv_out_hw(x, self[0])) >= 2):
+                    cl = self.channels_last_out and (not _needs_grad(x, self)
+                                                     or self.channels_last_train_out and _trains_nhwc(first_order))
+                    return conv_relu_pool2x2(x, self[0], self[1], channels_last=cl)
                 x = conv_instance_norm(x, self[0], self[1], self[2],
                                        channels_last=self.channels_last_out and not _needs_grad(x, self))
                 for layer in list(self)[3:]:
@@ -271,6 +457,9 @@ class ConvBlock(nn.Sequential):
                 return x
             if self.nhwc and not _needs_grad(x, self):
                 return nhwc_block(x, *_nhwc_layers(list(self)))
+            if self.nhwc_train and _trains_nhwc(first_order) and min(_conv_out_hw(x, self[0])) >= 2:
+                conv, norm = self[0], self[1]
+                return _NhwcTrainBlockFn.apply(x, conv.weight, conv.bias, norm.weight, norm.bias, conv, norm.eps)
         return super().forward(x)
 
     def extra_repr(self):
@@ -286,6 +475,24 @@ def _needs_grad(x, module: nn.Module) -> bool:
     transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
     return transforms_active() or (torch.is_grad_enabled()
                                    and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+
+
+def _trains_nhwc(first_order: bool) -> bool:
+    """Whether ``nhwc_train`` blocks take this call: differentiated once, eager, fp32 (under bf16
+    autocast the layers in order keep their norms in fp32, and so does this path: unchanged)."""
+    return first_order and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+
+
+def _input_needs_grad(x) -> bool:
+    """Whether a call may need the gradient of its input (the synthetic side, a double backward
+    through it); True inside torch.func transforms, as ``_needs_grad``."""
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    return transforms_active() or (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _conv_out_hw(x, conv: nn.Conv2d) -> tuple[int, int]:
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    return x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
 
 
 def _nhwc_layers(layers):
@@ -306,7 +513,9 @@ def nhwc_block(x, conv: nn.Conv2d, norm: nn.GroupNorm | None, act: nn.Module, po
     2 threads, batch 256, 128 channels: 1.27x on 16x16 maps, 1.37x on 8x8), but its weight
     gradient was slower there (0.88x on 16x16), and on the AVX-512 EPYC a channels-last training
     version of this block made a whole real-data gradient slower (results/README.md, eighth
-    round), so training keeps NCHW and only gradient-free calls come here. torch's group norm is slow on channels-last maps (70 vs 3.5 ms on 256x128x16x16), so
+    round), so only gradient-free calls come here; training runs channels-last through
+    ``_NhwcTrainBlockFn`` (its own backward, per chunk), where the call is differentiated once
+    (eleventh round). torch's group norm is slow on channels-last maps (70 vs 3.5 ms on 256x128x16x16), so
     the instance norm is done here on the [n, H*W, C] view: the mean, then the variance of the
     centred map (two passes rather than E[y^2] - E[y]^2, which cancels when the mean is large),
     then scale and shift; the pooling module runs
@@ -326,6 +535,89 @@ def nhwc_block(x, conv: nn.Conv2d, norm: nn.GroupNorm | None, act: nn.Module, po
             y = y.mul_(scale)
     y = act(y).view(n, h, w, c).permute(0, 3, 1, 2)
     return y if pool is None else pool(y)
+
+
+def _pool2x2_nhwc_into(a, out):
+    """``out`` [m, h2, w2, C] = the 2x2 means of ``a`` [m, H, W, C] (an odd last row or column
+    dropped), summed as ``_AvgPool2x2Fn`` sums them: rows first, then columns."""
+    h2, w2 = out.shape[1], out.shape[2]
+    rows = torch.add(a[:, 0:2 * h2:2], a[:, 1:2 * h2:2])
+    torch.add(rows[:, :, 0:2 * w2:2], rows[:, :, 1:2 * w2:2], out=out)
+    return out.mul_(0.25)
+
+
+class _NhwcTrainBlockFn(torch.autograd.Function):
+    """``AvgPool2x2(relu(instance_norm(conv(x))))`` channels-last, for a call differentiated once.
+
+    Forward: oneDNN's channels-last convolution over the whole batch, then per chunk of samples
+    (in cache) the instance norm on the [m, H*W, C] view as ``nhwc_block`` computes it (the same
+    float32 values), the ReLU and the pooling. Saved: the input, the centred convolution output
+    and the per-sample 1/std. Backward, per chunk:
+    the pre-ReLU map recomputed, the pooled gradient / 4 broadcast over each window and masked in
+    one ``threshold_backward``, the instance norm's backward in closed form (``dy = r (g gamma - mean(g
+    gamma)) - r^3 yc mean(g gamma yc)`` for the centred output ``yc`` and r = 1/std); then the
+    convolution's backward over the whole batch, channels-last. The convolution's bias cancels in
+    the norm: its gradient is an exact zero (the layers in order give it rounding noise, ~1e-8).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta, conv, eps):
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = conv(x)                   # the module (its hooks see the call, as nhwc_block's); channels-last
+        n, c, h, w = y.shape
+        yv = y.permute(0, 2, 3, 1).view(n, h * w, c)
+        h2, w2 = h // 2, w // 2
+        out = y.new_empty(n, h2, w2, c)
+        rstd = y.new_empty(n, 1, c)
+        m = _chunk(h * w * c, y.element_size())
+        for i in range(0, n, m):
+            yc = yv[i:i + m]
+            yc.sub_(yc.mean(1, keepdim=True))
+            r = torch.rsqrt(yc.square().mean(1, keepdim=True) + eps, out=rstd[i:i + m])
+            a = torch.addcmul(beta, yc, r * gamma).relu_()
+            _pool2x2_nhwc_into(a.view(-1, h, w, c), out[i:i + m])
+        ctx.save_for_backward(x, weight, gamma, beta, y, rstd)
+        ctx.conf = (conv.padding, bias is not None)
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_create_graph()
+        x, weight, gamma, beta, y, rstd = ctx.saved_tensors
+        padding, has_bias = ctx.conf
+        n, c, h, w = y.shape
+        h2, w2 = grad.shape[-2:]
+        hw = h * w
+        yv = y.permute(0, 2, 3, 1).view(n, hw, c)
+        dy = torch.empty_like(y)                                             # channels-last, as y
+        dyv = dy.permute(0, 2, 3, 1).view(n, hw, c)
+        gp = (grad * 0.25).permute(0, 2, 3, 1).contiguous()                  # [n, h2, w2, C]
+        ga = y.new_zeros(min(n, _chunk(hw * c, y.element_size())), h, w, c)  # odd edge: stays zero
+        s1 = y.new_empty(n, 1, c)
+        s2 = y.new_empty(n, 1, c)
+        m = ga.shape[0]
+        for i in range(0, n, m):
+            yc, r = yv[i:i + m], rstd[i:i + m]
+            k = yc.shape[0]
+            a = torch.addcmul(beta, yc, r * gamma).view(k, h, w, c)
+            window = (k, h2, 2, w2, 2, c)
+            gak = ga[:k]
+            torch.ops.aten.threshold_backward.grad_input(
+                gp[i:i + m].view(k, h2, 1, w2, 1, c).expand(window), a[:, :2 * h2, :2 * w2].view(window), 0,
+                grad_input=gak[:, :2 * h2, :2 * w2].view(window))
+            g = gak.view(k, hw, c)
+            torch.sum(g, 1, keepdim=True, out=s1[i:i + m])
+            torch.sum(g * yc, 1, keepdim=True, out=s2[i:i + m])
+            rg = r * gamma
+            coef = s2[i:i + m] * (rg * r * r / hw)
+            torch.mul(yc, coef.neg_(), out=dyv[i:i + m]).addcmul_(g, rg).sub_(rg * s1[i:i + m] / hw)
+        grad_gamma = (s2 * rstd).sum((0, 1))
+        grad_beta = s1.sum((0, 1))
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            dy, x, weight, None, [1, 1], list(padding), [1, 1], False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        grad_bias = weight.new_zeros(weight.shape[0]) if has_bias else None
+        return gx, gw.contiguous(), grad_bias, grad_gamma, grad_beta, None, None
 
 
 def _pool(name: str) -> nn.Module | None:
@@ -393,9 +685,20 @@ class ConvNet(_Blocks):
             in_ch = net_width
         for block, after in zip(blocks, blocks[1:]):
             block.channels_last_out = block.fuse and after.nhwc
+            block.channels_last_train_out = block.relu_pool and after.nhwc_train
         self.blocks = nn.ModuleList(blocks)
         self.feature_dim = net_width * h * w
         self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def forward_blocks(self, x):
+        # a call whose input needs no gradient (real batches, training steps, inference) is
+        # differentiated at most once w.r.t. the weights: its blocks may run channels-last
+        first_order = not _input_needs_grad(x)
+        feats = []
+        for block in self.blocks:
+            x = block(x, first_order=first_order)
+            feats.append(x)
+        return x, feats
 
 
 # --------------------------------------------------------------------------- #

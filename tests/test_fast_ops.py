@@ -188,6 +188,87 @@ def test_first_block_folds_its_pooling_only_while_compiling_without_a_gradient(m
     assert not build_model("ConvNetNP", 1, 10, (28, 28)).blocks[0].pool_fusable     # no pooling
 
 
+@pytest.mark.parametrize("cin,hw,pad", [(1, (28, 28), 3), (3, (9, 7), 1), (3, (6, 6), 0)])
+def test_first_block_relu_pool_is_the_plain_layers(monkeypatch, cin, hw, pad):
+    """``conv_relu_pool2x2`` (the fused first block with its ReLU and pooling done per chunk, in
+    window-major order) equals conv, instance norm, ReLU and 2x2 average pooling in float64: the
+    output in NCHW and channels-last, and, where only the weights need a gradient, every weight
+    gradient (the conv bias's an exact zero); an odd map's last row/column is dropped. Chunks of
+    two samples over five, so a partial last chunk is covered. In float32 the forward is
+    ``conv_instance_norm`` followed by ``AvgPool2x2`` to the bit."""
+    monkeypatch.setattr(networks, "_CHUNK_BYTES", 1)                # one sample per chunk
+    conv, norm = _conv_norm(cin, pad)
+    x = torch.randn(5, cin, *hw, dtype=torch.float64)
+    want = torch.nn.AvgPool2d(2, 2)(torch.relu(norm(conv(x))))
+    for cl in (False, True):
+        with torch.no_grad():
+            got = networks.conv_relu_pool2x2(x, conv, norm, channels_last=cl)
+        assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-12)
+        got = networks.conv_relu_pool2x2(x, conv, norm, channels_last=cl)
+        assert got.grad_fn.name() == "_ReluPool2x2FnBackward"
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        w = torch.randn_like(want)
+        params = [conv.weight, norm.weight, norm.bias]
+        *g, g_bias = torch.autograd.grad((got * w).sum(), params + [conv.bias])
+        for a, b in zip(g, torch.autograd.grad((want * w).sum(), params, retain_graph=True)):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+        assert torch.equal(g_bias, torch.zeros_like(g_bias))
+    monkeypatch.setattr(networks, "_CHUNK_BYTES", 2 * 16 * hw[0] * hw[1] * 4)   # two samples per chunk
+    conv32, norm32 = conv.float(), norm.float()
+    x32 = x.float()
+    with torch.no_grad():
+        for cl in (False, True):
+            ref = AvgPool2x2(fast=True)(conv_instance_norm(x32, conv32, norm32, torch.nn.ReLU(), channels_last=cl))
+            assert torch.equal(networks.conv_relu_pool2x2(x32, conv32, norm32, channels_last=cl), ref)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (7, 5)])
+def test_channels_last_training_block_is_the_plain_layers(monkeypatch, hw):
+    """``_NhwcTrainBlockFn`` (conv, instance norm, ReLU, 2x2 pooling channels-last, its backward
+    per chunk in closed form) equals the layers in order in float64: output, the input's and the
+    weights' gradients (1e-12; the conv bias's an exact zero), for even and odd maps, with a partial
+    last chunk; gradcheck; and in float32 its forward is ``nhwc_block``'s to the bit."""
+    conv, norm = _conv_norm(4, 1)
+    x = torch.randn(5, 4, *hw, dtype=torch.float64, requires_grad=True)
+    layers = (conv, norm, torch.nn.ReLU(), AvgPool2x2(fast=True))
+    want = torch.nn.AvgPool2d(2, 2)(torch.relu(norm(conv(x))))
+    monkeypatch.setattr(networks, "_CHUNK_BYTES", 2 * 16 * hw[0] * hw[1] * 8)   # two samples per chunk
+    fn = lambda t, *p: networks._NhwcTrainBlockFn.apply(t, *p, conv, norm.eps)
+    params = [conv.weight, conv.bias, norm.weight, norm.bias]
+    got = fn(x, *params)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    w = torch.randn_like(want)
+    gx, gw, gb, gg, gbeta = torch.autograd.grad((got * w).sum(), [x, *params])
+    for a, b in zip((gx, gw, gg, gbeta), torch.autograd.grad((want * w).sum(), [x, conv.weight, norm.weight, norm.bias])):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    assert torch.equal(gb, torch.zeros_like(gb))
+    small = torch.randn(3, 4, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (small, *params))
+    conv32, norm32 = conv.float(), norm.float()
+    x32 = x.detach().float()
+    with torch.no_grad():
+        ref = networks.nhwc_block(x32, conv32, norm32, torch.nn.ReLU(), AvgPool2x2(fast=True))
+        assert torch.equal(fn(x32, *[p.float() for p in params]), ref)
+    assert layers[0] is conv
+
+
+def test_first_order_paths_refuse_a_second_derivative():
+    """The chunked first block and the channels-last training blocks have hand-written backward
+    passes that are not differentiable: asking for a real-side gradient with create_graph is an
+    error that says what to do, not a second derivative with paths missing (DC's synthetic side,
+    whose input needs a gradient, takes the layers in order and differentiates twice)."""
+    net = build_model("ConvNet", 1, 10, (28, 28))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    with pytest.raises(RuntimeError, match=r"cannot be differentiated again.*requires_grad_\(\)"):
+        torch.autograd.grad(F.cross_entropy(net(x)[0], y), list(net.parameters()), create_graph=True)
+    xs = torch.randn(4, 1, 28, 28, requires_grad=True)                       # the synthetic side
+    g = torch.autograd.grad(F.cross_entropy(net(xs)[0], y), list(net.parameters()), create_graph=True)
+    (gx,) = torch.autograd.grad(sum(t.square().sum() for t in g), xs)
+    assert gx.abs().sum() > 0
+
+
 def _pair(model, channel, im_size, dtype=torch.float64):
     torch.manual_seed(3)
     plain = build_model(model, channel, 10, im_size, layers="plain").to(dtype)
@@ -224,25 +305,32 @@ def test_channels_last_inference_is_the_plain_layers(model, channel, im_size):
     torch.testing.assert_close(emb, plain.embed(x).detach(), rtol=1e-12, atol=1e-12)
 
 
-def test_channels_last_only_where_no_gradient_is_needed():
-    """A call that needs a gradient (the weights' or the input's) runs the layers in order in NCHW
-    (oneDNN's channels-last weight gradient is the slower one), and its gradients are the plain
-    layers'; the float32 inference logits agree with the plain layers' to rounding."""
+def test_channels_last_training_only_where_the_call_is_differentiated_once():
+    """A call whose input needs a gradient (the synthetic side, which DC differentiates twice) runs
+    the layers in order in NCHW, and its gradients are the plain layers'; one whose input needs none
+    (real batches, training steps) runs the blocks channels-last and the first block's chunked
+    backward; under bf16 autocast the blocks after the first run in order. The float32 inference
+    logits agree with the plain layers' to rounding."""
     plain, fast = _pair("ConvNet", 3, (32, 32))
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    _, feats = fast(x)
-    assert all(f.is_contiguous() for f in feats)
-    for p in fast.parameters():
-        p.requires_grad_(False)
+    _, feats = fast(x)                                     # weights need a gradient, the input not
+    assert all(f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous() for f in feats)
+    assert feats[1].grad_fn.name() == "_NhwcTrainBlockFnBackward"
+    assert feats[0].grad_fn.name() == "_ReluPool2x2FnBackward"
     xg = x.clone().requires_grad_(True)
     out, feats = fast(xg)
     assert all(f.is_contiguous() for f in feats)
-    (gx,) = torch.autograd.grad(out.square().sum(), xg)
+    gx, *gw = torch.autograd.grad(out.square().sum(), [xg, *fast.parameters()])
     xp = x.clone().requires_grad_(True)
-    (gp,) = torch.autograd.grad(plain(xp)[0].square().sum(), xp)
-    torch.testing.assert_close(gx, gp, rtol=1e-10, atol=1e-12)
+    gp, *gwp = torch.autograd.grad(plain(xp)[0].square().sum(), [xp, *plain.parameters()])
+    for a, b in zip([gx, *gw], [gp, *gwp]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     plain32, fast32 = _pair("ConvNet", 1, (28, 28), torch.float32)
     x32 = torch.randn(64, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, feats = fast32(x32)
+    assert feats[0].grad_fn.name() == "_ReluPool2x2FnBackward" and feats[0].is_contiguous()
+    assert all(f.grad_fn.name() != "_NhwcTrainBlockFnBackward" and f.is_contiguous() for f in feats[1:])
     with torch.inference_mode():
         torch.testing.assert_close(fast32(x32)[0], plain32(x32)[0], rtol=1e-4, atol=1e-5)
     assert not build_model("ConvNetBN", 3, 10, (32, 32)).blocks[1].nhwc        # batch norm: layers in order
@@ -250,6 +338,7 @@ def test_channels_last_only_where_no_gradient_is_needed():
     assert not mp.blocks[1].nhwc and not mp.blocks[0].channels_last_out    # and NCHW out of the fused block
     with torch.inference_mode():
         assert all(f.is_contiguous() for f in mp(torch.randn(2, 3, 32, 32))[1])
+    assert not build_model("ConvNetNN", 3, 10, (32, 32)).blocks[1].nhwc_train   # no norm: trains in order
     assert "nhwc_inference=True" in repr(fast.blocks[1])
     assert fast.to("meta")(x.to("meta"))[0].shape == (4, 10)                   # other devices: in order
 

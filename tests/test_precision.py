@@ -171,7 +171,10 @@ def test_inner_loop_trains_in_bf16_with_fp32_weights(digits):
     before = torch.cat([p.detach().flatten() for p in net0.parameters()])
     step32, step16 = after["fp32"] - before, after["bf16"] - before
     assert step32.norm() > 0
-    assert (step16 - step32).norm() <= 0.05 * step32.norm()
+    # five steps amplify rounding (fp32 plain layers land 1.3 % from float64 here): bf16 lands
+    # 4.3 % (plain layers) to 5.0 % (fast layers, before and after the channels-last training
+    # blocks, which leave bf16 untouched) from fp32; a bf16 bug moves it by O(1)
+    assert (step16 - step32).norm() <= 0.06 * step32.norm()
 
 
 def matching_step_updates(digits, device="cpu"):
