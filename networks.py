@@ -207,6 +207,7 @@ def _pool_blocks_into(z, dim: int, out):
 
 
 def _chunk(n_per_sample: int, element_size: int) -> int:
+    """Samples per chunk: as many as fit ``_CHUNK_BYTES`` of map (at least one)."""
     return max(1, _CHUNK_BYTES // (n_per_sample * element_size))
 
 
@@ -219,8 +220,8 @@ def _refuse_create_graph():
         raise RuntimeError(
             "this ConvNet call took the fast first-order path (its input needs no gradient), whose "
             "backward cannot be differentiated again (create_graph=True); make the input require a "
-            "gradient (x.requires_grad_()) to run the differentiable layers, or build the model "
-            "with --ops plain")
+            "gradient (x.requires_grad_()) to run the differentiable layers, or use the plain "
+            "layers (--ops plain; build_model(..., layers='plain'))")
 
 
 class _ReluPool2x2Fn(torch.autograd.Function):
@@ -233,8 +234,9 @@ class _ReluPool2x2Fn(torch.autograd.Function):
     ``z > 0`` in one ``threshold_backward``, then the matmul with ``rhs``. The layers in order make
     four passes over the full map for that (two spreading copies, the ReLU backward, the matmul).
     ``channels_last``: the map is [n, 4 q, C] and the pooled output channels-last, for a block after
-    it that trains channels-last (``_NhwcTrainBlockFn``); MKL's matmuls with K = 9 or 27 rows are
-    also ~2x faster this way round ([8, 1024, 10] x [8, 10, 128]: 0.19 vs 0.42 ms, ad-hoc).
+    it that trains channels-last (``_NhwcTrainBlockFn``); MKL's matmul with K = 10 rows (one
+    input channel's 9 taps + 1) is also ~2x faster this way round ([8, 1024, 10] x [8, 10, 128]:
+    0.19 vs 0.42 ms, ad-hoc, Zen 5 EPYC).
     """
 
     @staticmethod
@@ -478,8 +480,9 @@ def _needs_grad(x, module: nn.Module) -> bool:
 
 
 def _trains_nhwc(first_order: bool) -> bool:
-    """Whether ``nhwc_train`` blocks take this call: differentiated once, eager, fp32 (under bf16
-    autocast the layers in order keep their norms in fp32, and so does this path: unchanged)."""
+    """Whether ``nhwc_train`` blocks take this call: differentiated once, eager, not under autocast
+    (``--precision bf16`` keeps the layers in order there, with their norms in fp32, as measured by
+    its accuracy guard)."""
     return first_order and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
 
 

@@ -194,8 +194,8 @@ def test_first_block_relu_pool_is_the_plain_layers(monkeypatch, cin, hw, pad):
     window-major order) equals conv, instance norm, ReLU and 2x2 average pooling in float64: the
     output in NCHW and channels-last, and, where only the weights need a gradient, every weight
     gradient (the conv bias's an exact zero); an odd map's last row/column is dropped. Chunks of
-    two samples over five, so a partial last chunk is covered. In float32 the forward is
-    ``conv_instance_norm`` followed by ``AvgPool2x2`` to the bit."""
+    one sample in float64; in float32 (and bf16 under autocast), chunks of two over five samples (a
+    partial last chunk), the forward is ``conv_instance_norm`` followed by ``AvgPool2x2`` to the bit."""
     monkeypatch.setattr(networks, "_CHUNK_BYTES", 1)                # one sample per chunk
     conv, norm = _conv_norm(cin, pad)
     x = torch.randn(5, cin, *hw, dtype=torch.float64)
@@ -221,6 +221,10 @@ def test_first_block_relu_pool_is_the_plain_layers(monkeypatch, cin, hw, pad):
         for cl in (False, True):
             ref = AvgPool2x2(fast=True)(conv_instance_norm(x32, conv32, norm32, torch.nn.ReLU(), channels_last=cl))
             assert torch.equal(networks.conv_relu_pool2x2(x32, conv32, norm32, channels_last=cl), ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16):                  # --precision bf16: the same bf16 map
+            ref = AvgPool2x2(fast=True)(conv_instance_norm(x32, conv32, norm32, torch.nn.ReLU()))
+            got = networks.conv_relu_pool2x2(x32, conv32, norm32)
+        assert got.dtype == ref.dtype == torch.bfloat16 and torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (7, 5)])
