@@ -133,9 +133,8 @@ def _conv_instance_norm_terms(x, conv: nn.Conv2d, norm: nn.GroupNorm):
     patches centred per sample ([n, K, L]), the flattened weights ([C, K]), each sample's scale of
     each output channel (gamma / std, [n, C]), the shift (beta; the conv bias enters as ``b - b``)
     and the output map's size. The statistics stay fp32 under autocast, as autocast keeps norms."""
-    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
-    ho, wo = x.shape[-2] + 2 * ph - kh + 1, x.shape[-1] + 2 * pw - kw + 1
-    patches = F.unfold(x, (kh, kw), padding=(ph, pw))                       # [n, K, L]
+    ho, wo = _conv_out_hw(x, conv)
+    patches = F.unfold(x, conv.kernel_size, padding=conv.padding)           # [n, K, L]
     centred = patches - patches.mean(-1, keepdim=True)
     with torch.autocast(x.device.type, enabled=False):
         cov = centred @ centred.transpose(1, 2) / centred.shape[-1]         # [n, K, K]
@@ -144,6 +143,16 @@ def _conv_instance_norm_terms(x, conv: nn.Conv2d, norm: nn.GroupNorm):
     scale = norm.weight * torch.rsqrt(var + norm.eps)
     shift = norm.bias if conv.bias is None else norm.bias + (conv.bias - conv.bias)
     return centred, w, scale, shift, (ho, wo)
+
+
+def _matmul_operands(x, conv: nn.Conv2d, norm: nn.GroupNorm):
+    """``conv_instance_norm``'s matmul as [C, K+1] x [K+1, L] per sample: the scaled weights with
+    beta as a last column, the centred patches with a row of ones; and the output map's size."""
+    n = x.shape[0]
+    centred, w, scale, shift, hw = _conv_instance_norm_terms(x, conv, norm)
+    lhs = torch.cat([scale.unsqueeze(-1) * w, shift.expand(n, -1).unsqueeze(-1)], dim=-1)
+    rhs = torch.cat([centred, centred.new_ones(n, 1, centred.shape[-1])], dim=1)
+    return lhs, rhs, hw
 
 
 def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | None = None,
@@ -170,9 +179,7 @@ def conv_instance_norm(x, conv: nn.Conv2d, norm: nn.GroupNorm, act: nn.Module | 
     the statistics stay fp32, as autocast keeps norms in fp32 on CUDA; the last matmul runs in bf16.
     """
     n = x.shape[0]
-    centred, w, scale, shift, (ho, wo) = _conv_instance_norm_terms(x, conv, norm)
-    lhs = torch.cat([scale.unsqueeze(-1) * w, shift.expand(n, -1).unsqueeze(-1)], dim=-1)
-    rhs = torch.cat([centred, centred.new_ones(n, 1, centred.shape[-1])], dim=1)
+    lhs, rhs, (ho, wo) = _matmul_operands(x, conv, norm)
     z = rhs.transpose(1, 2) @ lhs.transpose(1, 2) if channels_last else lhs @ rhs   # [n, L, C] or [n, C, L]
     if act is not None:
         z = act(z)            # in place is fine: a fresh tensor, not a view (matmul's backward keeps no output)
@@ -211,6 +218,28 @@ def _chunk(n_per_sample: int, element_size: int) -> int:
     return max(1, _CHUNK_BYTES // (n_per_sample * element_size))
 
 
+def _relu_pool2x2_chunks(lhs, rhs, pooled_hw, channels_last: bool, keep_map: bool):
+    """``(pooled, z)``: ``AvgPool2x2(relu(lhs @ rhs))`` per chunk of samples, ``rhs`` window-major.
+    The pooled map comes out NCHW or, with ``channels_last``, as an NCHW view with channels-last
+    strides (the matmul then taken [4 q, K] x [K, C]); ``z``, the ReLU's output ([n, C, 4 q] or
+    [n, 4 q, C]), is kept for a backward with ``keep_map``, else each chunk's is dropped (None)."""
+    n, c, _ = lhs.shape
+    q = pooled_hw[0] * pooled_hw[1]
+    m = _chunk(c * 4 * q, lhs.element_size())
+    if channels_last:
+        a, b, map_shape, blocks, dim = rhs.transpose(1, 2), lhs.transpose(1, 2), (n, 4 * q, c), (4, q, c), 1
+        out = lhs.new_empty(n, q, c)
+    else:
+        a, b, map_shape, blocks, dim = lhs, rhs, (n, c, 4 * q), (c, 4, q), 2
+        out = lhs.new_empty(n, c, q)
+    z = lhs.new_empty(map_shape) if keep_map else None
+    for i in range(0, n, m):
+        zc = torch.bmm(a[i:i + m], b[i:i + m], **({"out": z[i:i + m]} if keep_map else {})).relu_()
+        _pool_blocks_into(zc.view(-1, *blocks), dim, out[i:i + m])
+    out = out.view(n, *pooled_hw, c).permute(0, 3, 1, 2) if channels_last else out.view(n, c, *pooled_hw)
+    return out, z
+
+
 def _refuse_create_graph():
     """The hand-written backward passes below are not differentiable. ``once_differentiable``
     would not do here: ``autograd.grad(..., inputs=weights)`` prunes its error node and returns a
@@ -241,23 +270,7 @@ class _ReluPool2x2Fn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lhs, rhs, pooled_hw, channels_last):
-        n, c, _ = lhs.shape
-        q = pooled_hw[0] * pooled_hw[1]
-        m = _chunk(c * 4 * q, lhs.element_size())
-        if channels_last:
-            z = lhs.new_empty(n, 4 * q, c)
-            out = lhs.new_empty(n, q, c)
-            lt, rt = lhs.transpose(1, 2), rhs.transpose(1, 2)
-            for i in range(0, n, m):
-                zc = torch.bmm(rt[i:i + m], lt[i:i + m], out=z[i:i + m]).relu_()
-                _pool_blocks_into(zc.view(-1, 4, q, c), 1, out[i:i + m])
-            out = out.view(n, *pooled_hw, c).permute(0, 3, 1, 2)
-        else:
-            z = lhs.new_empty(n, c, 4 * q)
-            out = lhs.new_empty(n, c, *pooled_hw)
-            for i in range(0, n, m):
-                zc = torch.bmm(lhs[i:i + m], rhs[i:i + m], out=z[i:i + m]).relu_()
-                _pool_blocks_into(zc.view(-1, c, 4, q), 2, out[i:i + m].view(-1, c, q))
+        out, z = _relu_pool2x2_chunks(lhs, rhs, pooled_hw, channels_last, keep_map=True)
         ctx.save_for_backward(rhs, z)
         ctx.channels_last = channels_last
         return out
@@ -306,10 +319,7 @@ def conv_relu_pool2x2(x, conv: nn.Conv2d, norm: nn.GroupNorm, channels_last: boo
     Under autocast (``--precision bf16``) the matmuls, ReLU and pooling run in bf16, as they do in
     the layers in order there, and the statistics stay fp32.
     """
-    n = x.shape[0]
-    centred, w, scale, shift, (ho, wo) = _conv_instance_norm_terms(x, conv, norm)
-    lhs = torch.cat([scale.unsqueeze(-1) * w, shift.expand(n, -1).unsqueeze(-1)], dim=-1)
-    rhs = torch.cat([centred, centred.new_ones(n, 1, centred.shape[-1])], dim=1)
+    lhs, rhs, (ho, wo) = _matmul_operands(x, conv, norm)
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         dtype = torch.get_autocast_dtype(kind)
@@ -319,25 +329,7 @@ def conv_relu_pool2x2(x, conv: nn.Conv2d, norm: nn.GroupNorm, channels_last: boo
     with torch.autocast(kind, enabled=False):
         if torch.is_grad_enabled() and lhs.requires_grad:
             return _ReluPool2x2Fn.apply(lhs, rhs, pooled_hw, channels_last)
-        return _relu_pool2x2_no_grad(lhs, rhs, pooled_hw, channels_last)
-
-
-def _relu_pool2x2_no_grad(lhs, rhs, pooled_hw, channels_last: bool):
-    n, c, _ = lhs.shape
-    q = pooled_hw[0] * pooled_hw[1]
-    m = _chunk(c * 4 * q, lhs.element_size())
-    if channels_last:
-        out = lhs.new_empty(n, q, c)
-        lt, rt = lhs.transpose(1, 2), rhs.transpose(1, 2)
-        for i in range(0, n, m):
-            zc = torch.bmm(rt[i:i + m], lt[i:i + m]).relu_()                   # [m, 4 q, c]
-            _pool_blocks_into(zc.view(-1, 4, q, c), 1, out[i:i + m])
-        return out.view(n, *pooled_hw, c).permute(0, 3, 1, 2)
-    out = lhs.new_empty(n, c, q)
-    for i in range(0, n, m):
-        zc = torch.bmm(lhs[i:i + m], rhs[i:i + m]).relu_()                      # [m, c, 4 q]
-        _pool_blocks_into(zc.view(-1, c, 4, q), 2, out[i:i + m])
-    return out.view(n, c, *pooled_hw)
+        return _relu_pool2x2_chunks(lhs, rhs, pooled_hw, channels_last, keep_map=False)[0]
 
 
 # conv_instance_norm_pool2x2 unrolls 4 x K products per pooled value: at K = 9 (one input channel)
@@ -474,9 +466,7 @@ _ELEMENTWISE_ACTS = (nn.ReLU, nn.Sigmoid, nn.LeakyReLU)
 def _needs_grad(x, module: nn.Module) -> bool:
     """Whether a call may need a gradient; True inside torch.func transforms (vmap cannot query
     channels-last strides), where the layers run in order."""
-    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
-    return transforms_active() or (torch.is_grad_enabled()
-                                   and (x.requires_grad or any(p.requires_grad for p in module.parameters())))
+    return _input_needs_grad(x) or (torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()))
 
 
 def _trains_nhwc(first_order: bool) -> bool:
