@@ -592,7 +592,8 @@ class _NhwcTrainBlockFn(torch.autograd.Function):
         for i in range(0, n, m):
             yc, r = yv[i:i + m], rstd[i:i + m]
             k = yc.shape[0]
-            a = torch.addcmul(beta, yc, r * gamma).view(k, h, w, c)
+            rg = r * gamma
+            a = torch.addcmul(beta, yc, rg).view(k, h, w, c)
             window = (k, h2, 2, w2, 2, c)
             gak = ga[:k]
             torch.ops.aten.threshold_backward.grad_input(
@@ -601,7 +602,6 @@ class _NhwcTrainBlockFn(torch.autograd.Function):
             g = gak.view(k, hw, c)
             torch.sum(g, 1, keepdim=True, out=s1[i:i + m])
             torch.sum(g * yc, 1, keepdim=True, out=s2[i:i + m])
-            rg = r * gamma
             coef = s2[i:i + m] * (rg * r * r / hw)
             torch.mul(yc, coef.neg_(), out=dyv[i:i + m]).addcmul_(g, rg).sub_(rg * s1[i:i + m] / hw)
         grad_gamma = (s2 * rstd).sum((0, 1))
