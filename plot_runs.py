@@ -1,4 +1,4 @@
-"""Figures from run directories: per-layer gradient L2 norms and matching-loss curves (seed Figs. 6, 7).
+"""Figures from run directories: per-layer gradient L2 norms and matching-loss curves (the paper's Figs. 6, 7).
 
     python plot_runs.py results/DC_run results/BS-DC_k20_l3_run --name k20 --smooth 10
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--features", metavar="CKPT", help="network trained on the whole training set whose "
                    "pre-classifier features are embedded; enables Figure 8")
     f.add_argument("--feature_model", help="its architecture (default: recorded in the checkpoint, else ConvNet)")
-    f.add_argument("--feature_class", help="class index or name (default: cat, the seed's, else class 0)")
+    f.add_argument("--feature_class", help="class index or name (default: cat, the paper's, else class 0)")
     f.add_argument("--feature_real", type=int, default=1000, help="real images of the class drawn (seeded)")
     f.add_argument("--embedding", default="tsne", choices=["tsne", "pca"], help="2-D embedding")
     f.add_argument("--data_path", help="the runs' dataset (default: the first run's --data_path)")

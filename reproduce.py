@@ -1,4 +1,4 @@
-"""The seed paper's study from one command: its tables' grids as runs, then the tables.
+"""The paper's study from one command: its tables' grids as runs, then the tables.
 
     python reproduce.py table1 --preset cpu --ipc 1            # DC, DSA, BS(DC) k=20 layer 3
     python reproduce.py all --executor local --jobs 4           # Tables 1-3, shared cells once
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dcbs.config import PRESETS
     from dcbs.data import DATASETS
     p = _Parser(prog="reproduce.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                description="Run the seed paper's Tables 1-3 (cells shared between tables run once), or "
+                description="Run the paper's Tables 1-3 (cells shared between tables run once), or "
                             "aggregate finished runs into results/tables.md. Flags after '--' go to every "
                             "main.py / main_BS.py run.")
     a = p.add_argument
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cluster_model", default=sweep.DEFAULT_CLUSTER_MODEL, choices=["ResNet18", "ResNet18BN", "ConvNet"],
       help="feature extractor: main_cluster.py --model and main_BS.py --cluster_model")
     a("--margin", type=int, default=sweep.BS_NORM_MARGIN,
-      help="size margin of the --norm clusters (the seed's 50; small datasets such as digits need less)")
+      help="size margin of the --norm clusters (the paper's 50; small datasets such as digits need less)")
     a("--preset", default="none", choices=list(PRESETS) + ["none"],
       help="reduced protocol passed to every run; none = the published protocol")
     a("--seed", type=int, default=0, help="--seed of every condensation run (clusters: main_cluster.py's seed 0)")
@@ -113,7 +113,7 @@ def build_figures_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=os.path.join("checkpoints", "ConvNet_{dataset}.pt"),
                    help="Figure 8's network trained on the whole training set ({dataset} is filled in); "
                         "Figure 8 is skipped, with the command that makes it, when the file is missing")
-    p.add_argument("--feature_class", help="Figure 8's class, index or name (default: cat, as the seed)")
+    p.add_argument("--feature_class", help="Figure 8's class, index or name (default: cat, as the paper)")
     p.add_argument("--feature_real", type=int, default=1000, help="real images of that class in Figure 8")
     p.add_argument("--smooth", type=int, default=5, help="moving average of the curves over N iterations")
     p.add_argument("--device", default="cpu", help="device of Figure 8's feature pass")

@@ -1,4 +1,4 @@
-"""Wall time per evaluated model: one after another vs trained together (issue 7).
+"""Wall time per evaluated model: one after another vs trained together.
 
 Trains ``--models`` ConvNets on a random CIFAR10-shaped synthetic set of ipc
 1, 10 and 50 images per class, once with ``train_and_test`` per model (what

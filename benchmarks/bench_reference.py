@@ -1,4 +1,4 @@
-"""Our straightforward path against the public reference code, in one process (issue 6).
+"""Our straightforward path against the public reference code, in one process.
 
 Times one DC, DSA and DM iteration at ipc 1 and 10 (``--ipcs``), the evaluation's test
 pass (TEST) and one whole evaluation at ipc 1 (EVAL: 300 epochs on 10 images, then the

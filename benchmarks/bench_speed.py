@@ -1,4 +1,4 @@
-"""Speed benchmark of the condensation loop and the evaluation (issue 6).
+"""Speed benchmark of the condensation loop and the evaluation.
 
 Times, in one run and on the same machine, the per-iteration cost of DC, DSA, DM
 and Batch Sampling along several *paths*, and the per-model evaluation cost
@@ -60,8 +60,8 @@ from types import SimpleNamespace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Public reference implementation, FashionMNIST shape, ConvNet, 2-core AMD EPYC (issue 6):
-# the straightforward path should land within about 10 % of these on that machine.
+# Public reference implementation, FashionMNIST shape, ConvNet, on a 2-core AMD EPYC Zen 4 VM
+# (AVX-512 + avx512_bf16): the straightforward path should land within about 10 % of these there.
 REFERENCE_S = {("iter", "DC", "FashionMNIST", 1): 5.40, ("iter", "DSA", "FashionMNIST", 1): 5.60,
                ("iter", "DC", "FashionMNIST", 10): 156.0, ("iter", "DSA", "FashionMNIST", 10): 173.0,
                ("iter", "DM", "FashionMNIST", 1): 1.54, ("iter", "DM", "FashionMNIST", 10): 2.23,
@@ -169,7 +169,7 @@ def flop_count_mode():
         runs and 5109-6338 MB in 4 of 15 (2-core AMD Zen 5 EPYC, torch 2.14.1, each run in a process
         of its own, same seed; the heap grew in the training epochs). Under a mode like this one the
         same call read 1235-1403 MB in 8 of 8 runs, and 1234-1380 MB without any counter in 8 of 8
-        (results/README.md, tenth round). The counted call is the warm-up, whose peak is the
+        (docs/performance.md). The counted call is the warm-up, whose peak is the
         case's peak memory, so the counter must not add to it."""
 
         def __init__(self):
@@ -430,7 +430,7 @@ def onednn_gemm_gflops(n: int = 2048, repeats: int = 10) -> float:
     The ceiling the speed targets use is ``ceiling_gflops``: torch.matmul, i.e. MKL's sgemm. On the
     2-core AMD Zen 5 VM (family 26) MKL reads 169-202 GFLOP/s while this reads 318-394 and oneDNN's
     3x3 convolutions reach 250-430 in our passes, so there the matmul ceiling understates the
-    machine (results/README.md, tenth round); both are printed and saved."""
+    machine (docs/performance.md); both are printed and saved."""
     import torch
     x = torch.randn(1, n, 32, n // 32)
     w = torch.randn(n, n, 1, 1)
@@ -550,7 +550,7 @@ def summarise(results: list[dict], ceiling: float) -> list[dict]:
 
 def print_table(rows, ceiling):
     print(f"\nfp32 matmul ceiling: {ceiling:.0f} GFLOP/s; speed-up over {STRAIGHTFORWARD}; "
-          f"ref s: the public reference code as issue 6 measured it on its machine")
+          f"ref s: the public reference code on a 2-core AMD EPYC Zen 4 VM")
     head = (f"{'what':<10}{'method':<7}{'shape':<13}{'ipc':>4} {'path':<14}{'median s':>9} {'min-max':>15}"
             f"{'GFLOP/s':>9}{'%ceil':>6}{'peak MB':>9}{'speedup':>8}{'ref s':>7}")
     print(head)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 6): run it once, as one command, on a machine with a CUDA GPU.
+# The prepared GPU check: run it once, as one command, on a machine with a CUDA GPU.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          # about 6-8 minutes on one H100/H200
 #
@@ -7,7 +7,7 @@
 # 2. the tests that compare the GPU with the CPU (tests/test_cuda.py: layers, DC/DSA/DM steps,
 #    the batched kernel, batched evaluation, main.py and main_BS.py end to end on the GPU) and
 #    the CPU-side kernel and layer tests;
-# 3. bench_speed.py on CUDA, the issue's target first: a DC iteration at ipc 10 on CIFAR10-shaped
+# 3. bench_speed.py on CUDA, the main target first: a DC iteration at ipc 10 on CIFAR10-shaped
 #    random data along the straightforward path (loop/plain) beside loop/fast, batched/fast and
 #    batched/fast/bf16 (--precision bf16),
 #    with medians, GFLOP/s and peak GPU memory (JSON in OUT_DIR);
@@ -16,8 +16,8 @@
 # 5. as time allows, bench_speed.py for DC and DM at ipc 1 and 50, the evaluation and test pass.
 # Every stage writes its log to OUT_DIR (seven files in all; the run itself goes to
 # GPU_CHECK_RUN_DIR, default /tmp/gpu_check_run) and the script goes on after a failed stage; the
-# last line says which stages failed. With the device tool: run(command="bash benchmarks/gpu_check.sh
-# $OUT", timeout_s=600). GPU_CHECK_DEVICE=cpu with GPU_CHECK_QUICK=1 dry-runs it on a CPU
+# last line says which stages failed; it fits a 10-minute limit. GPU_CHECK_DEVICE=cpu with
+# GPU_CHECK_QUICK=1 dry-runs it on a CPU
 # (a check of the script, not of a GPU); GPU_CHECK_DRY=1 only lists the stages' commands.
 set -u
 OUT=${1:-${OUT:-results/bench/gpu_check}}
@@ -56,7 +56,7 @@ if [ "$QUICK" = 1 ]; then
     SPEED=(--shapes FashionMNIST --ipcs 1 --methods DC --paths loop/plain loop/fast --repeats 1 --no_eval)
     MORE=(--shapes FashionMNIST --ipcs 1 --methods DM --paths loop/plain batched/fast --repeats 1 --no_eval)
     RUN=(--Iteration 2 --eval_every 2 --num_eval 1 --ipc 1)
-else   # first the issue's GPU target (DC, ipc 10, CIFAR10 shape), then the rest as time allows
+else   # first the main GPU target (DC, ipc 10, CIFAR10 shape), then the rest as time allows
     SPEED=(--shapes CIFAR10 --ipcs 10 --methods DC --paths loop/plain loop/fast batched/fast batched/fast/bf16
            --repeats 3 --no_eval --timeout 240)
     MORE=(--shapes CIFAR10 --ipcs 1 50 --methods DC DM --paths loop/plain batched/fast --repeats 3 --timeout 240
@@ -64,7 +64,7 @@ else   # first the issue's GPU target (DC, ipc 10, CIFAR10 shape), then the rest
     RUN=(--Iteration 20 --eval_every 20 --num_eval 5 --ipc 10)
 fi
 stage speed python3 benchmarks/bench_speed.py --device "$DEV" "${SPEED[@]}" --out "$OUT/speed_$DEV.json"
-RUN_DIR=${GPU_CHECK_RUN_DIR:-/tmp/gpu_check_run}   # outside OUT_DIR: the device tool returns 8 files at most
+RUN_DIR=${GPU_CHECK_RUN_DIR:-/tmp/gpu_check_run}   # outside OUT_DIR: OUT_DIR keeps to the stages' logs and JSON
 [ "$DRY" = 1 ] || rm -rf "$RUN_DIR/dc_digits"   # this script's own scratch run
 stage condense python3 main.py --dataset digits --method DC --num_exp 1 "${RUN[@]}" \
     --device "$DEV" --save_path "$RUN_DIR" --run_name dc_digits

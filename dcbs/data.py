@@ -4,7 +4,7 @@ Every dataset is loaded once into memory as normalised float tensors
 (``RealData``). Sources, tried in this order:
 
 1. ``--data_path DIR`` holding ``train/<class>/*`` and ``test/<class>/*`` image
-   folders (an ImageFolder tree such as ``../shared/data/cifar10``); the dataset
+   folders (an ImageFolder tree such as ``/path/to/cifar10``); the dataset
    name still chooses the normalisation and the expected image shape;
 2. torchvision's dataset classes under ``--data_path`` (downloaded when online);
 3. ``digits``: scikit-learn's bundled 8x8 digits, upsampled to 28x28, which

@@ -1,6 +1,6 @@
 """The feature extractor of Batch Sampling: training it, loading it, extracting features.
 
-The seed paper fine-tunes an ImageNet-pretrained ResNet18 on CIFAR10
+The paper fine-tunes an ImageNet-pretrained ResNet18 on CIFAR10
 (``resnet18_cifar.pt``) and clusters the global-average-pooled output of one of
 its four stages. Here:
 
@@ -11,7 +11,7 @@ its four stages. Here:
   finally writes ``<model>_<dataset>.pt`` = ``{'state_dict', 'meta'}`` atomically;
 * ``imagenet_init`` maps torchvision's ImageNet ResNet18 weights onto
   ``ResNet18BN`` (CIFAR-style 3x3 stem and classifier re-initialised);
-* ``load_extractor`` accepts our checkpoints and bare state_dicts (the seed's file);
+* ``load_extractor`` accepts our checkpoints and bare state_dicts (the paper's file);
 * ``extract_features``: eval mode, no gradients, batched, stage map -> GAP vector.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ def _unwrap_state_dict(obj, path: str):
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], dict(obj.get("meta") or {})
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, {}          # a bare state_dict, e.g. the seed's resnet18_cifar.pt
+        return obj, {}          # a bare state_dict, e.g. the paper's resnet18_cifar.pt
     raise ExtractorError(f"{path} is neither an extractor checkpoint ({{'state_dict', 'meta'}}) nor a "
                          f"state_dict")
 

@@ -1,6 +1,6 @@
 """Figure 8: where the synthetic images of one class sit among the real ones, DC vs Batch Sampling.
 
-The seed embeds the real and the condensed images of one CIFAR-10 class (cat) in the
+The paper embeds the real and the condensed images of one CIFAR-10 class (cat) in the
 feature space of a ConvNet trained on the whole training set and shows, per method, the
 synthetic points over the cloud of real points. Here:
 
@@ -152,7 +152,7 @@ def feature_figure(runs, net: torch.nn.Module, data, class_idx: int, path: str, 
 
 
 def resolve_class(spec, class_names) -> int:
-    """A class index from an index or a name; None gives the seed's class, cat (else class 0)."""
+    """A class index from an index or a name; None gives the paper's class, cat (else class 0)."""
     names = [str(n).lower() for n in class_names]
     if spec is None:
         return names.index("cat") if "cat" in names else 0

@@ -1,4 +1,4 @@
-"""The seed paper's Figures 5-8 from finished sweep runs (``python reproduce.py figures``).
+"""The paper's Figures 5-8 from finished sweep runs (``python reproduce.py figures``).
 
     Figure 5  synthetic images, DC beside BS(DC) k = 20 layer 3          (Table 1's runs)
     Figure 6  gradient L2 norms and matching loss, DC and BS(DC) k = 5..25, layer 2  (Table 2's)

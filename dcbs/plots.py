@@ -1,6 +1,6 @@
 """Figures from run directories: gradient L2 norms per layer and matching-loss curves.
 
-The seed paper's Figures 6 and 7 compare Batch Sampling runs (by number of
+The paper's Figures 6 and 7 compare Batch Sampling runs (by number of
 clusters, by feature layer) with DC through two views of training:
 
 * the L2 norm of the real and synthetic gradient of every weight tensor of the

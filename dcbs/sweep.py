@@ -5,7 +5,7 @@
     Table 3  BS(DC) layer 0/1/2/3, k = 20, and DC          x ipc 1/10/50
 
 Every Batch Sampling cell reads clusters made with ``--norm`` (KMeansConstrained,
-margin 50), as the seed did, so the plan holds the ``main_cluster.py`` jobs those
+margin 50), as the paper did, so the plan holds the ``main_cluster.py`` jobs those
 cells need. A cell is one command line of ``main.py`` / ``main_BS.py`` /
 ``main_cluster.py`` with a deterministic run name; a cell shared by several tables
 (DC in all three, BS k=20 layer 3 in Tables 1 and 3, k=20 layer 2 in Tables 2 and 3)
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPCS = (1, 10, 50)
-BS_NORM_MARGIN = 50          # the seed's --norm clusters: sizes within n_c // k +- 50
+BS_NORM_MARGIN = 50          # the paper's --norm clusters: sizes within n_c // k +- 50
 DEFAULT_CLUSTER_MODEL = "ResNet18"
 
 # table -> its cells (method, k, layer) before the ipc axis; method "BS" is BS(DC) with --norm clusters
@@ -119,7 +119,7 @@ class Settings:
     save_path: str = os.path.join("results", "sweep")
     cluster_path: str = "checkpoints"
     cluster_model: str = DEFAULT_CLUSTER_MODEL
-    margin: int = BS_NORM_MARGIN   # the seed's; small datasets (digits) need less
+    margin: int = BS_NORM_MARGIN   # the paper's; small datasets (digits) need less
     preset: str | None = None
     seed: int = 0
     num_threads: int | None = None
@@ -187,7 +187,7 @@ def extractor_file(s: Settings) -> str:
 
 
 def cluster_argv(s: Settings, k: int, layer: int) -> list[str]:
-    """The seed's clustering for one (k, layer): ``--norm``, margin 50, main_cluster.py's seed (0)."""
+    """The paper's clustering for one (k, layer): ``--norm``, margin 50, main_cluster.py's seed (0)."""
     argv = ["main_cluster.py", "--dataset", s.dataset, "--data_path", s.data_path, "--model", s.cluster_model,
             "--layer_idx", str(layer), "--num_cluster", str(k), "--norm", "--cluster_path", s.cluster_path,
             "--results_path", os.path.join(s.save_path, "clusters")]

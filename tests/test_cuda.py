@@ -1,6 +1,6 @@
-"""The same computations on an accelerator as on the CPU (issue 6's GPU side).
+"""The same computations on an accelerator as on the CPU.
 
-Skipped where the device is missing, so CI (no GPU) skips them; a session lent a GPU runs them
+Skipped where the device is missing, so CI (no GPU) skips them; a machine with a GPU runs them
 through ``benchmarks/gpu_check.sh``. ``DCBS_TEST_DEVICE`` names the device (default ``cuda``);
 ``DCBS_TEST_DEVICE=cpu`` runs the same code on the CPU, which checks the tests themselves.
 
