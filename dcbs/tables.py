@@ -22,8 +22,8 @@ import numpy as np
 from .sweep import IPCS, TABLE_TITLES, TABLES
 
 # Published accuracies (ConvNet, %, mean ± std of 100 models; std None where the source gives none).
-# Source: the seed paper "Dataset Condensation with Batch Sampling" and the DC / DSA papers, as collected
-# in the project's PROTOCOL.md ("Published accuracy", Tables 2 and 3). Kept per table because the seed
+# Source: the paper ("Dataset Condensation with Batch Sampling") and the DC / DSA papers ("Published
+# accuracy", Tables 2 and 3 of the published protocol). Kept per table because the paper
 # reports the same cell (BS k = 20, layer 2) twice with different numbers: Table 2 gives
 # 28.1±0.6 / 42.8±0.6 / 52.9±0.7, Table 3 gives 28.0±0.5 / 43.0±0.5 / 52.6±0.5.
 _DC_CIFAR10 = {1: (28.3, 0.5), 10: (44.9, 0.5), 50: (53.9, 0.5)}
@@ -246,7 +246,7 @@ def render_table(table: str, dataset: str, runs: list[Run]) -> list[str]:
             cells.append(f"{'<br>'.join(parts)} / {pub}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if table in ("table2", "table3") and dataset == "CIFAR10":
-        lines += ["", "The seed reports BS k = 20, layer 2 twice: 28.1±0.6 / 42.8±0.6 / 52.9±0.7 in Table 2 and "
+        lines += ["", "The paper reports BS k = 20, layer 2 twice: 28.1±0.6 / 42.8±0.6 / 52.9±0.7 in Table 2 and "
                       "28.0±0.5 / 43.0±0.5 / 52.6±0.5 in Table 3; each table shows its own."]
     return lines + [""]
 
@@ -255,11 +255,11 @@ def render(runs: list[Run], save_paths, datasets=None) -> str:
     in_tables = [r for r in runs if r.done and r.key is not None]
     datasets = list(datasets or sorted({r.config.get("dataset") for r in in_tables}) or ["CIFAR10"])
     in_tables = [r for r in in_tables if r.config.get("dataset") in datasets]   # only what is tabulated
-    lines = ["# The seed paper's Tables 1-3, reproduced", "",
+    lines = ["# The paper's Tables 1-3, reproduced", "",
              f"Written by `python reproduce.py aggregate` on {time.strftime('%Y-%m-%d %H:%M:%S')} from "
              f"{len(in_tables)} finished run(s) under {', '.join(f'`{p}`' for p in save_paths)}. Each run counts "
              f"at its last evaluation iteration, with the accuracy of every model trained there (ConvNet). "
-             f"Published: ConvNet, mean ± std of 100 models (seed paper; DC / DSA papers). "
+             f"Published: ConvNet, mean ± std of 100 models (the Batch Sampling paper; DC / DSA papers). "
              f"{DASH}: not run. Figure 1 (DC vs CAFE) is left out: CAFE is not implemented.", ""]
     for dataset in datasets:
         for table in TABLES:
