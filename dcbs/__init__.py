@@ -1,1 +1,1 @@
-"""Dataset condensation (DC, DSA, DM) and Batch Sampling; see utils.py for the seed's names."""
+"""Dataset condensation (DC, DSA, DM) and Batch Sampling; see utils.py for the names the paper's listings use."""

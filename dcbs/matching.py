@@ -1,4 +1,4 @@
-"""The gradient-matching distance (the seed's eq. 1) and the outer/inner loop schedule."""
+"""The gradient-matching distance (the paper's eq. 1) and the outer/inner loop schedule."""
 from __future__ import annotations
 
 import logging
@@ -58,7 +58,7 @@ def match_loss(gw_syn, gw_real, args) -> torch.Tensor:
     """Distance between synthetic and real gradients (lists of per-parameter tensors).
 
     ``args`` is the metric name or any object with a ``dis_metric`` attribute
-    (the seed's listings pass their argparse namespace).
+    (the paper's listings pass their argparse namespace).
     """
     metric = args if isinstance(args, str) else args.dis_metric
     return match_loss_batched([g[None] for g in gw_syn], [g[None] for g in gw_real], metric)
