@@ -17,6 +17,7 @@ Order (waves; a wave starts when the one before it has finished):
     3. every condensation cell (a Batch Sampling cell whose clustering failed is skipped).
 
 Re-running the same command skips finished runs (``DONE``) and finished cluster files,
+skips a run another process is writing (its ``.lock`` is held: ``dcbs.rundir.is_locked``),
 continues an unfinished run from its checkpoint (``--resume``), and starts again a run
 that stopped before its first checkpoint (its directory is moved to ``.stale/``).
 
@@ -205,7 +206,7 @@ def cluster_argv(s: Settings, k: int, layer: int) -> list[str]:
 class Job:
     name: str                      # run name, or the cluster file's name
     kind: str                      # "cluster" or "condense"
-    state: str                     # done | new | resume | restart
+    state: str                     # done | running | new | resume | restart
     argv: list = field(default_factory=list)
     tables: list = field(default_factory=list)
     cell: Cell | None = None
@@ -214,7 +215,7 @@ class Job:
 
     @property
     def to_run(self) -> bool:
-        return self.state != "done"
+        return self.state not in ("done", "running")
 
 
 @dataclass
@@ -258,8 +259,12 @@ def _check_existing_run(path: str, cell: Cell, s: Settings) -> None:
 
 
 def condense_state(path: str) -> str:
+    """new | running (another process holds its lock) | done | resume | restart (stale: no checkpoint)."""
+    from .rundir import is_locked
     if not os.path.isdir(path):
         return "new"
+    if is_locked(path):           # checked first: a run at its first iterations has no checkpoint yet
+        return "running"
     if os.path.exists(os.path.join(path, "DONE")):
         return "done"
     if os.path.exists(os.path.join(path, "checkpoint.pt")):
@@ -342,7 +347,10 @@ def describe(plan: Plan) -> list[str]:
              f"{sum(j.kind == 'condense' for j in plan.jobs)} condensation), {n_run} to run",
              f"feature extractor {plan.extractor}: {plan.extractor_state}"]
     for j in plan.jobs:
-        if not j.to_run:
+        if j.state == "running":
+            from .rundir import lock_holder
+            lines.append(f"  skip (running) {j.name}: being written by {lock_holder(j.path)}")
+        elif not j.to_run:
             lines.append(f"  skip (finished) {j.name}")
     for n, wave in enumerate(plan.waves, 1):
         lines.append(f"wave {n}: {len(wave)} job(s)")
@@ -361,7 +369,8 @@ def manifest_entry(plan: Plan, argv: list[str], executor: str) -> dict:
             "extractor": plan.extractor, "extractor_state": plan.extractor_state,
             "jobs": [{"name": j.name, "kind": j.kind, "tables": j.tables, "state": j.state, "path": j.path,
                       "command": display(j.argv) if j.to_run else None, "deps": j.deps,
-                      "result": "skipped (finished before)" if not j.to_run else "pending"} for j in plan.jobs]}
+                      "result": {"done": "skipped (finished before)", "running": "skipped (another process writes it)"}
+                      .get(j.state, "pending")} for j in plan.jobs]}
 
 
 def write_manifest(save_path: str, entry: dict) -> str:
