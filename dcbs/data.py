@@ -130,17 +130,49 @@ def _load_digits():
     return u8[tr], y[tr], u8[te], y[te], names, "sklearn.datasets.load_digits (8x8 -> 28x28)"
 
 
-def _read_image_folder(root: str, spec: DatasetSpec, name: str):
+def _image_folder_classes(split_dir: str) -> list[str]:
+    """The class folders of one split, each checked to hold at least one image file."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise DataError(f"{split_dir} holds no class folders; an ImageFolder tree is "
+                        f"{os.path.dirname(split_dir)}/{{train,test}}/<class>/<image>")
+    for c in classes:
+        folder = os.path.join(split_dir, c)
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(folder, followlinks=True) for f in fs):
+            raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}); every class "
+                            f"folder needs at least one (remove the folder if it is not a class)")
+    return classes
+
+
+def _read_image(path: str, mode: str) -> np.ndarray:
     from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode), dtype=np.uint8)
+    except Exception as e:  # UnidentifiedImageError, "image file is truncated", broken chunks ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{path} cannot be read as an image (truncated or corrupt: {type(e).__name__}: "
+                        f"{msg[:200]}); replace or remove it") from None
+
+
+def _read_image_folder(root: str, spec: DatasetSpec, name: str):
     from torchvision.datasets import ImageFolder
-    out = []
+    out, classes = [], None
     for split in ("train", "test"):
-        folder = ImageFolder(os.path.join(root, split))
+        split_dir = os.path.join(root, split)
+        found = _image_folder_classes(split_dir)
+        if classes is not None and found != classes:
+            only_train, only_test = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+            raise DataError(f"{root}: test/ and train/ have other class folders (only in train/: "
+                            f"{', '.join(only_train) or '-'}; only in test/: {', '.join(only_test) or '-'}); "
+                            f"labels follow the sorted folder names, so both need the same classes")
+        classes = found
+        folder = ImageFolder(split_dir)
         mode = "L" if spec.channel == 1 else "RGB"
         arrs = []
         for path, _ in folder.samples:
-            with Image.open(path) as im:
-                a = np.asarray(im.convert(mode), dtype=np.uint8)
+            a = _read_image(path, mode)
             if a.shape[:2] != tuple(spec.im_size):
                 raise DataError(f"{path}: image is {a.shape[1]}x{a.shape[0]}, but {name} expects "
                                 f"{spec.im_size[1]}x{spec.im_size[0]}; resize the tree or choose the matching --dataset")
@@ -148,7 +180,6 @@ def _read_image_folder(root: str, spec: DatasetSpec, name: str):
         u8 = torch.from_numpy(np.stack(arrs))
         u8 = u8.unsqueeze(1) if u8.ndim == 3 else u8.permute(0, 3, 1, 2)
         out += [u8.contiguous(), torch.tensor(folder.targets, dtype=torch.long)]
-        classes = folder.classes
     if len(classes) != spec.num_classes:
         raise DataError(f"{root}: found {len(classes)} class folders, {name} has {spec.num_classes}")
     return (*out, classes, f"ImageFolder {os.path.abspath(root)}")
@@ -166,7 +197,29 @@ def _tv_expected_files(name: str) -> list[str]:
     }[name]
 
 
-def _load_torchvision(root: str, spec: DatasetSpec, name: str):
+OFFLINE_HINT = "(--dataset digits, or --preset demo, runs with no download)"
+
+
+def _download_dirs(root: str, cls) -> list[str]:
+    """Folders a torchvision download may create: the root and, for the MNIST family, <root>/<Class>/raw."""
+    dirs = [os.path.abspath(root)]
+    if hasattr(cls, "mirrors"):   # MNIST, FashionMNIST, KMNIST, EMNIST, QMNIST keep files in <root>/<Class>/raw
+        dirs += [os.path.join(dirs[0], cls.__name__), os.path.join(dirs[0], cls.__name__, "raw")]
+    return dirs
+
+
+def _remove_created_dirs(created: list[str]) -> None:
+    """Removes the folders a failed download created, deepest first, only while they are empty."""
+    for d in sorted(created, key=len, reverse=True):
+        try:
+            os.rmdir(d)
+        except OSError:           # not empty (a partial file: left for the user to see) or already gone
+            pass
+
+
+def _load_torchvision(root: str, spec: DatasetSpec, name: str, download: bool = True):
+    """torchvision's files under ``root``; a download creates ``root`` only when it is tried and removes
+    the folders it made again when it fails."""
     import torchvision.datasets as tvd
     cls = getattr(tvd, spec.tv_name)
 
@@ -175,22 +228,29 @@ def _load_torchvision(root: str, spec: DatasetSpec, name: str):
             return cls(root, split="train" if train else "test", download=download)
         return cls(root, train=train, download=download)
 
+    def not_found(why: str) -> DataError:
+        files = ", ".join(os.path.join(root, f) for f in _tv_expected_files(name))
+        return DataError(
+            f"{name} not found under {os.path.abspath(root)} and {why}. Looked for: {files}. "
+            f"Either put those files there, or pass --data_path DIR with DIR/train/<class>/*.png and "
+            f"DIR/test/<class>/*.png (an ImageFolder tree) {OFFLINE_HINT}.")
+
     splits = []
     for train in (True, False):
         try:
             ds = make(train, download=False)
         except RuntimeError:
+            if not download:
+                raise not_found("no download is tried into it") from None
+            if os.environ.get("DCBS_NO_DOWNLOAD"):
+                raise not_found("downloads are disabled (DCBS_NO_DOWNLOAD is set)") from None
+            created = [d for d in _download_dirs(root, cls) if not os.path.isdir(d)]
             try:
-                if os.environ.get("DCBS_NO_DOWNLOAD"):
-                    raise RuntimeError("downloads disabled by DCBS_NO_DOWNLOAD")
                 ds = make(train, download=True)
             except Exception as e:  # offline, blocked, corrupt archive ...
-                files = ", ".join(os.path.join(root, f) for f in _tv_expected_files(name))
-                raise DataError(
-                    f"{name} not found under {os.path.abspath(root)} and could not be downloaded "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Looked for: {files}. "
-                    f"Either put those files there, or pass --data_path DIR with DIR/train/<class>/*.png and "
-                    f"DIR/test/<class>/*.png (an ImageFolder tree).") from None
+                _remove_created_dirs(created)
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise not_found(f"could not be downloaded ({type(e).__name__}: {msg})") from None
         splits.append(ds)
     out = []
     for ds in splits:
@@ -215,11 +275,19 @@ def load_data(dataset: str, data_path: str = "data") -> RealData:
         mean = [round(float(xtr.float().div(255).mean()), 4)]
         std = [round(float(xtr.float().div(255).std()), 4)]
     else:
-        is_tree = all(os.path.isdir(os.path.join(data_path, s)) for s in ("train", "test"))
-        if is_tree:
+        splits = [s for s in ("train", "test") if os.path.isdir(os.path.join(data_path, s))]
+        if len(splits) == 2:
             xtr, ytr, xte, yte, names, source = _read_image_folder(data_path, spec, dataset)
         else:
-            xtr, ytr, xte, yte, names, source = _load_torchvision(data_path, spec, dataset)
+            try:  # never download into a folder that holds half an ImageFolder tree
+                xtr, ytr, xte, yte, names, source = _load_torchvision(data_path, spec, dataset, download=not splits)
+            except DataError:
+                if not splits:
+                    raise
+                missing = "test" if splits == ["train"] else "train"
+                raise DataError(f"{os.path.abspath(data_path)} has {splits[0]}/ but no {missing}/: an ImageFolder "
+                                f"tree needs both train/<class>/<image> and test/<class>/<image> (the same class "
+                                f"folders)") from None
         mean, std = list(spec.mean), list(spec.std)
     return RealData(name=dataset, source=source, channel=spec.channel, im_size=tuple(spec.im_size),
                     num_classes=spec.num_classes, class_names=list(names), mean=mean, std=std,
