@@ -347,3 +347,36 @@ def train_and_test_batched(nets, images_train, labels_train, images_test, labels
             hits = h if hits is None else hits + h
     acc_test = [c / images_test.shape[0] for c in hits.tolist()]
     return params, acc_train, acc_test
+
+
+def check_synthetic_set(images: torch.Tensor, labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """Refuses a synthetic set no model can be trained on: NaN/inf pixels, labels outside 0..num_classes-1.
+
+    Raises ``dcbs.io.FileFormatError`` (the command lines print it as one ``error:`` line); ``where``
+    names the set, e.g. ``"synthetic set FILE, entry 0"``.
+    """
+    from .io import FileFormatError
+    if not (torch.is_tensor(images) and images.is_floating_point() and images.dim() == 4):
+        raise FileFormatError(f"{where}: images must be a float tensor (N, C, H, W), got "
+                              f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    if not (torch.is_tensor(labels) and labels.dim() == 1 and not labels.is_floating_point()
+            and not labels.is_complex() and labels.dtype != torch.bool):
+        raise FileFormatError(f"{where}: labels must be a 1-D integer tensor of class indices, got "
+                              f"{labels.dtype if torch.is_tensor(labels) else type(labels).__name__}"
+                              f"{' ' + str(tuple(labels.shape)) if torch.is_tensor(labels) else ''}")
+    if labels.numel() != images.shape[0]:
+        raise FileFormatError(f"{where}: {images.shape[0]} images but {labels.numel()} labels")
+    bad = ~torch.isfinite(images.detach())
+    if bool(bad.any()):
+        per_image = bad.flatten(1).any(1)
+        n_nan, n_inf = int(torch.isnan(images).sum()), int(torch.isinf(images).sum())
+        raise FileFormatError(f"{where}: {int(per_image.sum())} of {images.shape[0]} images hold non-finite "
+                              f"pixels ({n_nan} NaN, {n_inf} inf; first image {int(per_image.nonzero()[0])}); "
+                              f"the set diverged when it was made: use an earlier checkpoint or make it again "
+                              f"(e.g. with a lower --lr_img)")
+    out = (labels < 0) | (labels >= num_classes)
+    if bool(out.any()):
+        values = sorted(set(labels[out].tolist()))
+        raise FileFormatError(f"{where}: labels {values[:5]}{' ...' if len(values) > 5 else ''} fall outside "
+                              f"0..{num_classes - 1} ({num_classes} classes); the set was made for another "
+                              f"dataset: pass its --dataset")
