@@ -5,7 +5,10 @@ to a feature vector (a global-average-pooled stage output of a trained
 extractor) and the class is split into ``k`` clusters, with ``KMeans`` or, with
 ``norm``, with ``KMeansConstrained`` whose cluster sizes stay within
 ``n_c // k +- margin``. ``main_BS.py`` then draws each real batch from one
-cluster.
+cluster. A class too small for the margin (``n_c // k - margin < 1``) gets the
+largest margin that fits it (``fitted_size_bounds``); the file keeps the
+requested margin in its name and ``meta['margin']``, the bounds used per class
+in ``meta['size_bounds']``.
 
 The cluster file (``cluster_file_name``) holds::
 
@@ -30,7 +33,8 @@ from dcbs.io import FileFormatError, atomic_save, safe_load
 from dcbs.seeding import derive_seed
 
 __all__ = ["ClusterFileError", "ClusterConfigError", "FORMAT", "DEFAULT_MODEL", "DEFAULT_MARGIN",
-           "cluster_file_name", "cluster_command", "size_bounds", "check_feasible",
+           "cluster_file_name", "cluster_command", "size_bounds", "fitted_size_bounds", "margin_notes",
+           "check_feasible",
            "cluster_features", "cluster_dataset", "save_clusters", "load_clusters",
            "check_partition", "size_summary", "save_cluster_grid", "embed_2d", "save_embedding"]
 
@@ -121,27 +125,50 @@ def size_bounds(n: int, k: int, margin: int) -> tuple[int, int]:
     return base - int(margin), base + int(margin)
 
 
-def _margin_range(n: int, k: int) -> tuple[int, int]:
-    """Margins for which ``size_bounds(n, k, margin)`` allows k non-empty clusters (may be empty).
+def fitted_size_bounds(n: int, k: int, margin: int) -> tuple[int, int]:
+    """The bounds ``--norm`` uses for a class of ``n >= k`` images: ``size_bounds`` when they fit it.
 
-    ``k * (n // k + m) >= n``  <=>  ``m >= ceil(n / k) - n // k``;  ``n // k - m >= 1``  <=>  ``m <= n // k - 1``.
+    They fit when every cluster keeps >= 1 image and k clusters can hold the class
+    (``n // k - margin >= 1``, ``k * (n // k + margin) >= n``). A class too small for
+    the margin gets the largest margin <= ``margin`` that fits; where none does
+    (``n < 2k`` with ``n % k != 0``, or ``margin`` 0 with ``n % k != 0``) the upper
+    bound is widened just enough, to ``ceil(n / k)``.
     """
+    n, k, margin = int(n), int(k), int(margin)
     base = n // k
-    return -(-n // k) - base, base - 1
+    m = min(margin, base - 1)                 # the lower bound stays >= 1
+    return base - m, max(base + m, -(-n // k))
 
 
-def _feasible_margins(counts, k: int) -> tuple[int, int]:
-    ranges = [_margin_range(n, k) for n in counts]
-    return max(r[0] for r in ranges), min(r[1] for r in ranges)
+def margin_notes(class_counts, k: int, norm: bool, margin: int, class_names=None) -> list[str]:
+    """One log line when ``--margin`` was narrowed (or widened) for some classes, else none."""
+    if not norm:
+        return []
+    counts = [int(c) for c in class_counts]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(counts))]
+    groups: dict[tuple, list] = {}
+    for c, n in enumerate(counts):
+        used = fitted_size_bounds(n, k, margin)
+        if used != size_bounds(n, k, margin):
+            groups.setdefault(used, []).append((names[c], n))
+    if not groups:
+        return []
+    n_changed = sum(len(v) for v in groups.values())
+    parts = []
+    for (lo, hi), members in sorted(groups.items()):
+        ns = [n for _, n in members]
+        listed = ", ".join(str(nm) for nm, _ in members[:5]) + (" ..." if len(members) > 5 else "")
+        parts.append(f"sizes {lo}..{hi} for {len(members)} class(es) of {min(ns)}-{max(ns)} images ({listed})")
+    return [f"--margin {margin} does not fit {n_changed} of {len(counts)} classes with --num_cluster {k} "
+            f"(n_c // k - {margin} < 1 or k * (n_c // k + {margin}) < n_c): {'; '.join(parts)}; the file keeps "
+            f"margin {margin} in its name and meta, the bounds used are in meta['size_bounds']"]
 
 
 def check_feasible(class_counts, k: int, norm: bool, margin: int, class_names=None) -> None:
     """Raises ClusterConfigError unless every class can be split as asked.
 
-    Every class needs at least ``k`` images. With ``norm``, the bounds
-    ``n_c // k +- margin`` must allow a split into ``k`` non-empty clusters
-    (lower bound >= 1, ``k * upper >= n_c``); the message names the margins
-    that would work and the largest ``k`` that would.
+    Every class needs at least ``k`` images; with ``norm`` the margin must be
+    >= 0 (a class too small for it gets ``fitted_size_bounds``; see ``margin_notes``).
     """
     counts = [int(c) for c in class_counts]
     names = list(class_names) if class_names is not None else [str(i) for i in range(len(counts))]
@@ -152,29 +179,8 @@ def check_feasible(class_counts, k: int, norm: bool, margin: int, class_names=No
         listed = ", ".join(f"{nm} ({n})" for nm, n in small[:5])
         raise ClusterConfigError(f"--num_cluster {k} is larger than the number of images of class "
                                  f"{listed}; use --num_cluster {min(counts)} or less")
-    if not norm:
-        return
-    lo, hi = _feasible_margins(counts, k)
-    bad = []
-    for c, n in enumerate(counts):
-        smin, smax = size_bounds(n, k, margin)
-        if smin < 1 or k * smax < n:
-            bad.append(f"class {names[c]} ({n} images): sizes {smin}..{smax}")
-    if not bad:
-        return
-    works = f"use --margin between {lo} and {hi}" if lo <= hi else "no margin works for this k"
-    ks = [kk for kk in range(1, min(counts) + 1)
-          if _feasible_margins(counts, kk)[0] <= margin <= _feasible_margins(counts, kk)[1]]
-    if not ks:
-        alt = ""
-    elif margin >= 1:   # then feasibility is monotone in k
-        alt = f", or keep --margin {margin} with --num_cluster {max(ks)} or less"
-    else:
-        alt = f", or keep --margin {margin} with --num_cluster in {ks[:10]}"
-    raise ClusterConfigError(
-        f"size bounds n_c//k +- {margin} cannot be met with --num_cluster {k} (every cluster needs >= 1 "
-        f"image and k * upper bound >= n_c): {'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; "
-        f"{works}{alt}")
+    if norm and margin < 0:
+        raise ClusterConfigError(f"--margin must be >= 0, got {margin}")
 
 
 # --------------------------------------------------------------------------- #
@@ -193,7 +199,7 @@ def cluster_features(features: np.ndarray, k: int, norm: bool, margin: int, seed
     rs = int(seed) % (2 ** 32)
     if norm:
         from k_means_constrained import KMeansConstrained
-        smin, smax = size_bounds(n, k, margin)
+        smin, smax = fitted_size_bounds(n, k, margin)
         clf = KMeansConstrained(n_clusters=k, size_min=smin, size_max=smax, n_init=n_init,
                                 max_iter=max_iter, random_state=rs)
         clf.fit(x)
@@ -214,11 +220,17 @@ def cluster_dataset(features, indices_class, k: int, norm: bool, margin: int, se
     ``derive_seed(seed, "kmeans", c)``. Returns ``(clusters, info)``:
     ``clusters[c][j]`` is the ascending LongTensor of training indices of
     cluster j of class c; ``info`` has ``sizes``, ``centers`` (list of (k, d)
-    float tensors), ``inertia`` (floats) and ``size_bounds`` (per class, or None).
+    float tensors), ``inertia`` (floats), ``size_bounds`` (the bounds used per
+    class, ``fitted_size_bounds``; None without ``norm``) and ``margin_clamped``
+    (the classes whose bounds are not ``n_c // k +- margin``). ``log`` also gets
+    ``margin_notes``.
     """
     feats = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     counts = [len(ix) for ix in indices_class]
     check_feasible(counts, k, norm, margin, class_names)
+    if log is not None:
+        for line in margin_notes(counts, k, norm, margin, class_names):
+            log(line)
     clusters, sizes, centers, inertia, bounds = [], [], [], [], []
     rng = range(len(indices_class))
     if progress:
@@ -239,13 +251,15 @@ def cluster_dataset(features, indices_class, k: int, norm: bool, margin: int, se
         sizes.append([len(p) for p in per])
         centers.append(torch.from_numpy(cen).clone())
         inertia.append(inert)
-        bounds.append(list(size_bounds(len(idx), k, margin)) if norm else None)
+        bounds.append(list(fitted_size_bounds(len(idx), k, margin)) if norm else None)
         if log is not None:
             nm = class_names[c] if class_names is not None else str(c)
             log(f"class {c} ({nm}): {len(idx)} images, cluster sizes min {min(sizes[-1])} / "
                 f"median {int(np.median(sizes[-1]))} / max {max(sizes[-1])}, inertia {inert:.4g}")
+    clamped = [c for c, n in enumerate(counts)
+               if norm and fitted_size_bounds(n, k, margin) != size_bounds(n, k, margin)]
     return clusters, {"sizes": sizes, "centers": centers, "inertia": inertia,
-                      "size_bounds": bounds if norm else None}
+                      "size_bounds": bounds if norm else None, "margin_clamped": clamped}
 
 
 def size_summary(sizes) -> list[str]:
