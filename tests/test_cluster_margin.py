@@ -2,6 +2,7 @@
 for main_cluster.py and main_BS.py."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,8 +17,7 @@ torch.set_num_threads(1)
 import main_cluster as mc  # noqa: E402
 from dcbs import clusters as cl  # noqa: E402
 from dcbs import extractor as ex  # noqa: E402
-from dcbs.cli import cluster_source  # noqa: E402
-from dcbs.config import build_parser, resolve  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 
 def test_fitted_bounds_are_the_requested_ones_when_they_fit_else_the_nearest_that_do():
@@ -60,7 +60,7 @@ def test_margin_50_on_digits_sized_classes_is_clamped_per_class_and_said(digits)
 
 
 def test_main_cluster_and_main_bs_agree_on_the_file_whatever_the_margin(tmp_path, digits, capsys):
-    """main_cluster.py writes the file, main_BS.py's cluster_source finds and accepts it with the same flags."""
+    """main_cluster.py writes the file; main_BS.py with the same flags finds it, accepts it and runs on it."""
     ck = tmp_path / "ck"
     ck.mkdir()
     net = ex.build_extractor("ConvNet", digits.channel, digits.num_classes, digits.im_size, seed=3)
@@ -71,14 +71,17 @@ def test_main_cluster_and_main_bs_agree_on_the_file_whatever_the_margin(tmp_path
         argv = flags + ["--model", "ConvNet", "--cluster_path", str(ck), "--results_path", str(tmp_path / "res"),
                         "--device", "cpu", "--n_init", "1", "--no_figures"]
         assert mc.main(argv) == 0, capsys.readouterr().err
-        written = f"class_idx_digits_k{k}_2_True_ConvNet{suffix}.pt"
-        assert os.path.isfile(ck / written)
-        cfg = resolve(build_parser(True).parse_args(
-            flags + ["--cluster_model", "ConvNet", "--cluster_path", str(ck), "--preset", "smoke"]), True)
-        clusters, info = cluster_source(cfg, digits)
-        assert info["cluster_file"] == os.path.abspath(ck / written)
-        meta = torch.load(ck / written, weights_only=True)["meta"]
+        written = ck / f"class_idx_digits_k{k}_2_True_ConvNet{suffix}.pt"
+        assert written.is_file()
+        meta = torch.load(written, weights_only=True)["meta"]
         assert meta["margin"] == margin                          # the requested margin, as named
         for c, n in enumerate(digits.class_counts):
             assert list(meta["size_bounds"][c]) == list(cl.fitted_size_bounds(n, k, margin))
-            assert all(meta["size_bounds"][c][0] <= len(t) <= meta["size_bounds"][c][1] for t in clusters[c])
+            lo, hi = meta["size_bounds"][c]
+            assert all(lo <= s <= hi for s in meta["sizes"][c])
+        r = run_cli("main_BS.py", *flags, "--cluster_model", "ConvNet", "--cluster_path", ck, "--preset", "smoke",
+                    "--Iteration", 1, "--eval_it", 1, "--save_path", tmp_path / "runs", "--run_name", f"m{margin}",
+                    "--device", "cpu")
+        assert r.returncode == 0, r.stderr[-2000:]
+        with open(tmp_path / "runs" / f"m{margin}" / "config.json") as f:
+            assert json.load(f)["cluster_file"] == os.path.abspath(written)
