@@ -3,10 +3,10 @@
 Times, interleaved in one process, on one batch of 256 images:
 
 * the 2x2 average pooling of the ConvNet's first block (256x128x32x32), forward and
-  backward: ``F.avg_pool2d`` against ``networks.AvgPool2x2``;
+  backward: ``F.avg_pool2d`` against ``dcbs.fast_ops.AvgPool2x2``;
 * a whole ConvNet: the real-data gradient (forward + backward, what a DC/DSA
   iteration does once per class) and the inference forward (what the evaluation's
-  test pass does 40 times), built with ``layers="plain"`` and ``layers="fast"``.
+  test pass does 40 times), built with ``ops="plain"`` and ``ops="fast"``.
 
     python benchmarks/bench_ops.py                      # FashionMNIST and CIFAR10 shapes
     python benchmarks/bench_ops.py --num_threads 2 --repeats 10 --out results/bench/ops_cpu.json
@@ -32,19 +32,19 @@ def cases(shapes, batch: int):
     """{name: {"plain": fn, "fast": fn}} of the pooling and the ConvNet passes."""
     import torch
     import torch.nn.functional as F
-    from networks import AvgPool2x2, build_model
+    from dcbs.fast_ops import AvgPool2x2, build_model
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 128, 32, 32, generator=g, requires_grad=True)
     go = torch.randn(batch, 128, 16, 16, generator=g)
-    pools = {"plain": torch.nn.AvgPool2d(2, 2), "fast": AvgPool2x2(fast=True)}
+    pools = {"plain": torch.nn.AvgPool2d(2, 2), "fast": AvgPool2x2()}
     out = {"pool forward 128x32x32": {k: (lambda p=p: p(x.detach())) for k, p in pools.items()},
            "pool backward 128x32x32": {k: (lambda p=p: torch.autograd.grad(p(x), x, go)) for k, p in pools.items()}}
     for shape in shapes:
         channel, im_size = SHAPES[shape]
         xs = torch.randn(batch, channel, *im_size, generator=g)
         ys = torch.randint(0, 10, (batch,), generator=g)
-        nets = {k: build_model("ConvNet", channel, 10, im_size, layers=k) for k in ("plain", "fast")}
+        nets = {k: build_model("ConvNet", channel, 10, im_size, ops=k) for k in ("plain", "fast")}
 
         def real_grad(net, xs=xs, ys=ys):     # bound now: the loop rebinds xs and ys per shape
             return torch.autograd.grad(F.cross_entropy(net(xs)[0], ys), list(net.parameters()))

@@ -5,15 +5,16 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 import networks
+from dcbs import fast_ops
+from dcbs.fast_ops import AvgPool2x2, FastConvBlock, apply_ops, build_model, conv_instance_norm
 from dcbs.samplers import ClassSampler
-from networks import AvgPool2x2, ConvBlock, build_model, conv_instance_norm, ops
 from test_kernels import _step, assert_same_update, check_flag_through_the_command_line
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (9, 7), (3, 5)])
 def test_avgpool_forward_and_backward_equal_torch(hw):
     x = torch.randn(3, 4, *hw, dtype=torch.float64, requires_grad=True)
-    fast, plain = AvgPool2x2(fast=True), torch.nn.AvgPool2d(2, 2)
+    fast, plain = AvgPool2x2(), torch.nn.AvgPool2d(2, 2)
     torch.testing.assert_close(fast(x), plain(x), rtol=0, atol=1e-15)
     w = torch.randn_like(plain(x))
     g_fast, = torch.autograd.grad((fast(x) * w).sum(), x)
@@ -23,13 +24,13 @@ def test_avgpool_forward_and_backward_equal_torch(hw):
 
 def test_avgpool_refuses_a_map_smaller_than_its_window_as_torch_does():
     with pytest.raises(RuntimeError, match="too small"):
-        AvgPool2x2(fast=True)(torch.randn(1, 2, 1, 5))
+        AvgPool2x2()(torch.randn(1, 2, 1, 5))
 
 
 def test_avgpool_double_backward_and_vmap_grad():
     """The synthetic side differentiates through the gradient (create_graph), the batched kernel
     takes vmap(grad) over classes: both must see the same function as torch's pooling."""
-    fast = AvgPool2x2(fast=True)
+    fast = AvgPool2x2()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: fast(t) ** 2, (x,))
     xs = torch.randn(4, 2, 3, 6, 6, dtype=torch.float64)
@@ -40,34 +41,43 @@ def test_avgpool_double_backward_and_vmap_grad():
 
 def test_float32_rounding_of_the_fast_pooling_is_tiny():
     x = torch.randn(16, 128, 32, 32)
-    assert (AvgPool2x2(fast=True)(x) - F.avg_pool2d(x, 2, 2)).abs().max() < 1e-6
+    assert (AvgPool2x2()(x) - F.avg_pool2d(x, 2, 2)).abs().max() < 1e-6
 
 
 def test_layers_choice_keeps_weights_and_state_dict():
     torch.manual_seed(0)
-    fast = build_model("ConvNet", 3, 10, (32, 32), layers="fast")
+    fast = build_model("ConvNet", 3, 10, (32, 32), ops="fast")
     torch.manual_seed(0)
-    plain = build_model("ConvNet", 3, 10, (32, 32), layers="plain")
-    assert [m.fast for m in fast.modules() if isinstance(m, AvgPool2x2)] == [True] * 3
-    assert [m.fast for m in plain.modules() if isinstance(m, AvgPool2x2)] == [False] * 3
+    plain = build_model("ConvNet", 3, 10, (32, 32), ops="plain")
+    assert [type(m) for m in fast.modules() if isinstance(m, torch.nn.AvgPool2d)] == [AvgPool2x2] * 3
+    assert [type(m) for m in plain.modules() if isinstance(m, torch.nn.AvgPool2d)] == [torch.nn.AvgPool2d] * 3
     assert [b.fuse for b in fast.blocks] == [True, False, False]       # only the first block
-    assert [b.fuse for b in plain.blocks] == [False] * 3
+    assert [type(b) for b in plain.blocks] == [networks.ConvBlock] * 3
     sd_f, sd_p = fast.state_dict(), plain.state_dict()
     assert sd_f.keys() == sd_p.keys() and all(torch.equal(sd_f[k], sd_p[k]) for k in sd_f)
     x = torch.randn(8, 3, 32, 32)
     torch.testing.assert_close(fast(x)[0], plain(x)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_ops_context_and_process_setting():
-    assert build_model("ConvNet", 1, 10, (28, 28)).blocks[0][3].fast        # default: fast
-    with ops("plain"):
-        assert not build_model("ConvNet", 1, 10, (28, 28)).blocks[0][3].fast
-    assert build_model("ConvNet", 1, 10, (28, 28)).blocks[0][3].fast        # restored
+def test_ops_are_applied_to_a_built_model():
+    """One switch, on the model: networks.py builds the plain modules, ``apply_ops`` makes a ConvNet
+    fast in place (idempotent), "plain" and other models are left as they are; no process state."""
+    assert type(build_model("ConvNet", 1, 10, (28, 28)).blocks[0][3]) is AvgPool2x2          # default: fast
+    assert type(build_model("ConvNet", 1, 10, (28, 28), ops="plain").blocks[0][3]) is torch.nn.AvgPool2d
+    plain = networks.build_model("ConvNet", 1, 10, (28, 28))
+    assert type(plain) is networks.ConvNet and type(plain.blocks[0]) is networks.ConvBlock
+    assert apply_ops(plain, "plain") is plain and type(plain.blocks[0]) is networks.ConvBlock
+    fast = apply_ops(plain, "fast")
+    assert fast is plain and isinstance(fast, networks.ConvNet) and fast.blocks[0].fuse
+    assert apply_ops(fast, "fast").blocks[0] is fast.blocks[0]
+    assert type(networks.build_model("ConvNet", 1, 10, (28, 28)).blocks[0]) is networks.ConvBlock   # unchanged
+    lenet = networks.build_model("LeNet", 1, 10, (28, 28))
+    assert apply_ops(lenet, "fast") is lenet and type(lenet) is networks.LeNet
     with pytest.raises(ValueError, match="fast, plain"):
-        with ops("fused"):
-            pass
+        apply_ops(lenet, "fused")
     with pytest.raises(ValueError, match="fast, plain"):
-        networks.set_ops("fused")
+        build_model("ConvNet", 1, 10, (28, 28), ops="fused")
+    assert not hasattr(networks, "set_ops") and not hasattr(networks, "ops")
 
 
 def _conv_norm(cin, pad, dtype=torch.float64):
@@ -119,7 +129,7 @@ def test_fused_conv_instance_norm_double_backward_and_vmap():
     x = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: conv_instance_norm(t, conv, norm, torch.nn.Tanh()), (x,))
     from torch.func import functional_call
-    fused, plain = (ConvBlock(conv, norm, torch.nn.Tanh(), fuse=f) for f in (True, False))
+    fused, plain = FastConvBlock(conv, norm, torch.nn.Tanh(), fuse=True), networks.ConvBlock(conv, norm, torch.nn.Tanh())
     params = {k: v.detach() for k, v in fused.named_parameters()}
     xs = torch.randn(3, 4, 1, 6, 6, dtype=torch.float64)
 
@@ -136,11 +146,11 @@ def test_fused_block_only_where_it_holds():
     """Fused: the fast layers' first ConvNet block with an instance norm and few input taps, on a
     CPU input. Not: plain layers, batch norm, a wide input (36 taps), another device."""
     assert build_model("ConvNet", 3, 10, (32, 32)).blocks[0].fuse
-    assert not build_model("ConvNet", 3, 10, (32, 32), layers="plain").blocks[0].fuse
+    assert not isinstance(build_model("ConvNet", 3, 10, (32, 32), ops="plain").blocks[0], FastConvBlock)
     assert not build_model("ConvNetBN", 3, 10, (32, 32)).blocks[0].fuse
     assert not build_model("ConvNet", 4, 10, (32, 32)).blocks[0].fuse
     conv, norm = _conv_norm(1, 1, torch.float32)
-    block = ConvBlock(conv, norm, torch.nn.ReLU(), fuse=True)
+    block = FastConvBlock(conv, norm, torch.nn.ReLU(), fuse=True)
     assert block.fuse and "fuse=True" in repr(block)
     assert block.to("meta")(torch.randn(2, 1, 6, 6, device="meta")).shape == (2, 16, 6, 6)   # plain path
 
@@ -155,7 +165,7 @@ def test_first_block_with_its_pooling_folded_in_is_the_plain_layers(cin, hw, pad
     conv, norm = _conv_norm(cin, pad)
     x = torch.randn(5, cin, *hw, dtype=torch.float64)
     want = torch.nn.AvgPool2d(2, 2)(act(norm(conv(x))))
-    got = networks.conv_instance_norm_pool2x2(x, conv, norm, act)
+    got = fast_ops.conv_instance_norm_pool2x2(x, conv, norm, act)
     assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-12)
 
@@ -165,8 +175,8 @@ def test_first_block_folds_its_pooling_only_while_compiling_without_a_gradient(m
     for one-channel inputs (9 taps; CIFAR's 27 measured slower); elsewhere the fused block as
     before. ``is_compiling`` is patched, so the dispatch is checked eagerly in float64."""
     calls = []
-    real = networks.conv_instance_norm_pool2x2
-    monkeypatch.setattr(networks, "conv_instance_norm_pool2x2", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = fast_ops.conv_instance_norm_pool2x2
+    monkeypatch.setattr(fast_ops, "conv_instance_norm_pool2x2", lambda *a: calls.append(a[0].shape) or real(*a))
     plain, fast = _pair("ConvNet", 1, (28, 28))
     x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
     with torch.no_grad():
@@ -196,16 +206,16 @@ def test_first_block_relu_pool_is_the_plain_layers(monkeypatch, cin, hw, pad):
     gradient (the conv bias's an exact zero); an odd map's last row/column is dropped. Chunks of
     one sample in float64; in float32 (and bf16 under autocast), chunks of two over five samples (a
     partial last chunk), the forward is ``conv_instance_norm`` followed by ``AvgPool2x2`` to the bit."""
-    monkeypatch.setattr(networks, "_CHUNK_BYTES", 1)                # one sample per chunk
+    monkeypatch.setattr(fast_ops, "_CHUNK_BYTES", 1)                # one sample per chunk
     conv, norm = _conv_norm(cin, pad)
     x = torch.randn(5, cin, *hw, dtype=torch.float64)
     want = torch.nn.AvgPool2d(2, 2)(torch.relu(norm(conv(x))))
     for cl in (False, True):
         with torch.no_grad():
-            got = networks.conv_relu_pool2x2(x, conv, norm, channels_last=cl)
+            got = fast_ops.conv_relu_pool2x2(x, conv, norm, channels_last=cl)
         assert got.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-12)
-        got = networks.conv_relu_pool2x2(x, conv, norm, channels_last=cl)
+        got = fast_ops.conv_relu_pool2x2(x, conv, norm, channels_last=cl)
         assert got.grad_fn.name() == "_ReluPool2x2FnBackward"
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         w = torch.randn_like(want)
@@ -214,16 +224,16 @@ def test_first_block_relu_pool_is_the_plain_layers(monkeypatch, cin, hw, pad):
         for a, b in zip(g, torch.autograd.grad((want * w).sum(), params, retain_graph=True)):
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
         assert torch.equal(g_bias, torch.zeros_like(g_bias))
-    monkeypatch.setattr(networks, "_CHUNK_BYTES", 2 * 16 * hw[0] * hw[1] * 4)   # two samples per chunk
+    monkeypatch.setattr(fast_ops, "_CHUNK_BYTES", 2 * 16 * hw[0] * hw[1] * 4)   # two samples per chunk
     conv32, norm32 = conv.float(), norm.float()
     x32 = x.float()
     with torch.no_grad():
         for cl in (False, True):
-            ref = AvgPool2x2(fast=True)(conv_instance_norm(x32, conv32, norm32, torch.nn.ReLU(), channels_last=cl))
-            assert torch.equal(networks.conv_relu_pool2x2(x32, conv32, norm32, channels_last=cl), ref)
+            ref = AvgPool2x2()(conv_instance_norm(x32, conv32, norm32, torch.nn.ReLU(), channels_last=cl))
+            assert torch.equal(fast_ops.conv_relu_pool2x2(x32, conv32, norm32, channels_last=cl), ref)
         with torch.autocast("cpu", dtype=torch.bfloat16):                  # --precision bf16: the same bf16 map
-            ref = AvgPool2x2(fast=True)(conv_instance_norm(x32, conv32, norm32, torch.nn.ReLU()))
-            got = networks.conv_relu_pool2x2(x32, conv32, norm32)
+            ref = AvgPool2x2()(conv_instance_norm(x32, conv32, norm32, torch.nn.ReLU()))
+            got = fast_ops.conv_relu_pool2x2(x32, conv32, norm32)
         assert got.dtype == ref.dtype == torch.bfloat16 and torch.equal(got, ref)
 
 
@@ -236,8 +246,8 @@ def test_channels_last_training_block_is_the_plain_layers(monkeypatch, hw):
     conv, norm = _conv_norm(4, 1)
     x = torch.randn(5, 4, *hw, dtype=torch.float64, requires_grad=True)
     want = torch.nn.AvgPool2d(2, 2)(torch.relu(norm(conv(x))))
-    monkeypatch.setattr(networks, "_CHUNK_BYTES", 2 * 16 * hw[0] * hw[1] * 8)   # two samples per chunk
-    fn = lambda t, *p: networks._NhwcTrainBlockFn.apply(t, *p, conv, norm.eps)
+    monkeypatch.setattr(fast_ops, "_CHUNK_BYTES", 2 * 16 * hw[0] * hw[1] * 8)   # two samples per chunk
+    fn = lambda t, *p: fast_ops._NhwcTrainBlockFn.apply(t, *p, conv, norm.eps)
     params = [conv.weight, conv.bias, norm.weight, norm.bias]
     got = fn(x, *params)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
@@ -252,19 +262,42 @@ def test_channels_last_training_block_is_the_plain_layers(monkeypatch, hw):
     conv32, norm32 = conv.float(), norm.float()
     x32 = x.detach().float()
     with torch.no_grad():
-        ref = networks.nhwc_block(x32, conv32, norm32, torch.nn.ReLU(), AvgPool2x2(fast=True))
+        ref = fast_ops.nhwc_block(x32, conv32, norm32, torch.nn.ReLU(), AvgPool2x2())
         assert torch.equal(fn(x32, *[p.float() for p in params]), ref)
 
 
-def test_first_order_paths_refuse_a_second_derivative():
+class _ReluPoolBlock(torch.nn.Sequential):
+    def forward(self, x):
+        return fast_ops.conv_relu_pool2x2(x, self[0], self[1])
+
+
+def test_first_order_paths_have_a_second_derivative():
     """The chunked first block and the channels-last training blocks have hand-written backward
-    passes that are not differentiable: asking for a real-side gradient with create_graph is an
-    error that says what to do, not a second derivative with paths missing (DC's synthetic side,
-    whose input needs a gradient, takes the layers in order and differentiates twice)."""
+    passes; asked to build a graph (create_graph: a real-side gradient differentiated again) they
+    differentiate a recomputation in plain ops, so a second derivative is the plain layers' one:
+    gradgradcheck of both, and a whole ConvNet's against the plain layers. DC's synthetic side (its
+    input needs a gradient) takes the layers in order and differentiates twice."""
+    from torch.func import functional_call
+    conv, norm = _conv_norm(2, 1)
+    x = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    block = _ReluPoolBlock(conv, norm)
+    first = lambda w, g, b: functional_call(block, {"0.weight": w, "1.weight": g, "1.bias": b}, (x,))
+    params = [t.detach().clone().requires_grad_() for t in (conv.weight, norm.weight, norm.bias)]
+    assert first(*params).grad_fn.name() == "_ReluPool2x2FnBackward"
+    assert torch.autograd.gradgradcheck(first, params)
+    conv, norm = _conv_norm(4, 1)
+    fn = lambda t, *p: fast_ops._NhwcTrainBlockFn.apply(t, *p, conv, norm.eps)
+    small = torch.randn(3, 4, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(fn, (small, conv.weight, conv.bias, norm.weight, norm.bias))
+    plain, fast = _pair("ConvNet", 1, (28, 28))
+    x, y = torch.randn(4, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (4,))
+
+    def second(net):
+        g = torch.autograd.grad(F.cross_entropy(net(x)[0], y), list(net.parameters()), create_graph=True)
+        return torch.autograd.grad(sum(t.square().sum() for t in g), list(net.parameters()))
+    for a, b in zip(second(fast), second(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     net = build_model("ConvNet", 1, 10, (28, 28))
-    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
-    with pytest.raises(RuntimeError, match=r"cannot be differentiated again.*requires_grad_\(\)"):
-        torch.autograd.grad(F.cross_entropy(net(x)[0], y), list(net.parameters()), create_graph=True)
     xs = torch.randn(4, 1, 28, 28, requires_grad=True)                       # the synthetic side
     g = torch.autograd.grad(F.cross_entropy(net(xs)[0], y), list(net.parameters()), create_graph=True)
     (gx,) = torch.autograd.grad(sum(t.square().sum() for t in g), xs)
@@ -273,8 +306,8 @@ def test_first_order_paths_refuse_a_second_derivative():
 
 def _pair(model, channel, im_size, dtype=torch.float64):
     torch.manual_seed(3)
-    plain = build_model(model, channel, 10, im_size, layers="plain").to(dtype)
-    fast = build_model(model, channel, 10, im_size, layers="fast").to(dtype)
+    plain = build_model(model, channel, 10, im_size, ops="plain").to(dtype)
+    fast = build_model(model, channel, 10, im_size, ops="fast").to(dtype)
     fast.load_state_dict(plain.state_dict())
     return plain, fast
 
@@ -288,7 +321,7 @@ def test_channels_last_inference_is_the_plain_layers(model, channel, im_size):
     the fast blocks after the first run channels-last: the same logits and block outputs as the
     plain layers (float64: 1e-12), including odd maps (30x30 -> 15 -> 7) and no norm/no pooling."""
     plain, fast = _pair(model, channel, im_size)
-    assert all(b.nhwc for b in fast.blocks[1:]) and not any(b.nhwc for b in plain.blocks)
+    assert all(b.nhwc for b in fast.blocks[1:]) and not any(isinstance(b, FastConvBlock) for b in plain.blocks)
     x = torch.randn(5, channel, *im_size, dtype=torch.float64)
     want, want_feats = plain(x)
     for mode in (torch.inference_mode, torch.no_grad):
@@ -345,9 +378,9 @@ def test_channels_last_training_only_where_the_call_is_differentiated_once():
     assert fast.to("meta")(x.to("meta"))[0].shape == (4, 10)                   # other devices: in order
 
 
-def _grads(model, layers, dtype, x, y):
+def _grads(model, ops, dtype, x, y):
     torch.manual_seed(1)
-    net = build_model(model, 1, 10, (28, 28), layers=layers).to(dtype)
+    net = build_model(model, 1, 10, (28, 28), ops=ops).to(dtype)
     g = torch.autograd.grad(F.cross_entropy(net(x.to(dtype))[0], y), list(net.parameters()))
     return torch.cat([t.flatten() for t in g])
 
@@ -375,8 +408,8 @@ def test_fast_layers_make_the_same_update_as_plain_layers(digits, kernel, model,
     """One whole iteration (real gradients, the synthetic side's double backward, the matching
     loss) with fast pooling against the straightforward path: loop kernel and torch's pooling."""
     sampler = ClassSampler(digits.indices_class, 11)
-    row_p, syn_p, start = _step("loop", model, method, digits, sampler, ipc, layers="plain")
-    row_f, syn_f, _ = _step(kernel, model, method, digits, sampler, ipc, layers="fast")
+    row_p, syn_p, start = _step("loop", model, method, digits, sampler, ipc, ops="plain")
+    row_f, syn_f, _ = _step(kernel, model, method, digits, sampler, ipc, ops="fast")
     assert not torch.equal(syn_p, start)
     assert_same_update(syn_f, syn_p, start)
     assert row_f["loss"] == pytest.approx(row_p["loss"], rel=1e-4)

@@ -13,10 +13,10 @@ from conftest import needs_cxx, run_cli
 from dcbs.augment import ParamDiffAug
 from dcbs.condense import Diagnostics, StepContext, distribution_matching_step, gradient_matching_step
 from dcbs.evaluate import has_batchnorm
+from dcbs.fast_ops import build_model
 from dcbs.kernels import per_class_grads
 from dcbs.matching import match_loss, match_loss_batched
 from dcbs.samplers import ClassSampler, ClusterSampler
-from networks import build_model
 
 
 def stacked_grads(seed, classes=4):
@@ -54,7 +54,7 @@ def test_per_class_grads_equal_the_loop_with_uneven_batches(model):
             torch.testing.assert_close(batched[name][c], ref, rtol=1e-4, atol=1e-6, msg=f"{model} {name} class {c}")
 
 
-def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, layers=None, device="cpu",
+def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, ops="fast", device="cpu",
           precision="fp32", compile=False):
     """One full iteration of the shared loop on ``device`` (the real data stays on the CPU, as
     ``StepContext.real_batch`` moves each batch); returns the loss row and the synthetic images
@@ -67,7 +67,7 @@ def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.flo
                           compile=compile)
     torch.manual_seed(seed)
     device = torch.device(device)
-    net = build_model(model, digits.channel, digits.num_classes, digits.im_size, layers=layers).to(device, dtype)
+    net = build_model(model, digits.channel, digits.num_classes, digits.im_size, ops=ops).to(device, dtype)
     g = torch.Generator().manual_seed(seed)
     image_syn = torch.randn(digits.num_classes * ipc, digits.channel, *digits.im_size, generator=g,
                             dtype=dtype).to(device).requires_grad_(True)

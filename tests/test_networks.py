@@ -1,6 +1,10 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from conftest import ROOT
 from networks import build_model, model_names, num_feature_layers
 
 
@@ -64,3 +68,13 @@ def test_variants_differ_as_named():
 def test_unknown_model_refused_with_choices():
     with pytest.raises(ValueError, match="ConvNet"):
         build_model("ResNet50", 3, 10)
+
+
+def test_the_model_file_is_plain_torch():
+    """networks.py imports nothing of ours (the fast path imports it, not the other way round) and
+    builds torch's own layers: 2x2 average pooling is nn.AvgPool2d."""
+    code = "import sys, networks; print(sorted(m for m in sys.modules if m.split('.')[0] in ('dcbs', 'utils')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+    pools = [type(m) for m in build_model("ConvNet", 3, 10).modules() if "Pool" in type(m).__name__]
+    assert pools == [torch.nn.AvgPool2d] * 3
