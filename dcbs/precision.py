@@ -11,14 +11,12 @@ What runs in bf16 (DC, DSA and Batch Sampling; ``autocast``):
 
 What stays fp32: the synthetic images, their forward pass and the double backward that gives
 their gradient (the quantity being optimised), the matching loss, DM, evaluation and the test
-pass. The ConvNet's fused first block (``networks.conv_instance_norm``) computes its instance
-norm statistics in fp32 under autocast too.
+pass. The ConvNet's fused first block (``dcbs.fast_ops.conv_instance_norm``) computes its
+instance norm statistics in fp32 under autocast too.
 
-Measured on the 2-core AMD EPYC with avx512_bf16 (see README, performance notes): a real-data
-gradient of a FashionMNIST-shaped ConvNet on 256 real FashionMNIST images 0.43 -> 0.26 s, within
-0.6-0.8 % (relative L2) of the float64 gradient per weight tensor (fp32: 0.01 %).
-On CPUs without native bf16 instructions (no avx512_bf16 / AMX) autocast emulates bf16 and is
-slower than fp32: ``check`` warns. On CUDA it needs a GPU with bf16 (Ampere or newer).
+Its speed and its accuracy on a real-data gradient: docs/performance.md. On CPUs without native
+bf16 instructions (no avx512_bf16 / AMX) autocast emulates bf16 and is slower than fp32: ``check``
+warns. On CUDA it needs a GPU with bf16 (Ampere or newer).
 """
 from __future__ import annotations
 
