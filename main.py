@@ -10,4 +10,4 @@ import sys
 from dcbs.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], batch_sampling=False))
+    sys.exit(main(sys.argv[1:], default_sampler="class"))

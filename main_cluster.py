@@ -29,15 +29,26 @@ import torch
 
 from dcbs import clusters as cl
 from dcbs import extractor as ex
+from dcbs import selection as sel
 from dcbs.data import DATASETS, DataError, load_data
 from dcbs.io import FileFormatError, atomic_write_json
 
 LOG = logging.getLogger("main_cluster")
 
 
+class _DefaultsOnce(argparse.HelpFormatter):
+    """Adds '(default: X)' where the help text does not already say it and X means something."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Per-class K-Means clusters of extractor features (Batch Sampling).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsOnce)
     p.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS))
     p.add_argument("--data_path", default="data", help="dataset root or ImageFolder tree (train/, test/)")
     p.add_argument("--model", default="ResNet18", choices=ex.EXTRACTOR_MODELS, metavar="MODEL",
@@ -46,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer_idx", type=int, default=3, help="stage whose map is clustered: 0-3 ResNet18, 0-2 ConvNet")
     p.add_argument("--num_cluster", type=int, default=20, help="k, clusters per class")
     p.add_argument("--norm", action="store_true", help="size-constrained K-Means (k-means-constrained)")
+    p.add_argument("--representative", action="store_true",
+                   help="write the partition file of --sampler representative instead: per class --rep_partitions "
+                        "K-Means runs (k = --num_cluster, i.e. the run's --batch_real) on random pools of --candidates "
+                        "images, keeping the image nearest each centre")
+    p.add_argument("--rep_partitions", type=int, default=20, help="with --representative: partitions per class")
+    p.add_argument("--candidates", type=int, default=1024, help="with --representative: images per K-Means pool")
+    p.add_argument("--scores", action="store_true",
+                   help="write the hardness scores of --sampler pruned instead: the extractor's cross-entropy on "
+                        "every training image (eval mode, no augmentation)")
     p.add_argument("--margin", type=int, default=cl.DEFAULT_MARGIN,
                    help="with --norm, cluster sizes stay within n_c // k +- margin")
     p.add_argument("--n_init", type=int, default=cl.KMEANS_N_INIT, help="K-Means restarts per class")
@@ -53,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results_path", default="results", help="figures, log and configuration JSON")
     p.add_argument("--seed", type=int, default=0, help="every random source derives from it")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--extract_batch", type=int, default=500, help="batch size of feature extraction")
     p.add_argument("--no_feature_cache", action="store_true",
                    help="always recompute the features (default: reuse <cluster_path>/features_<extractor>_l<layer>.pt "
@@ -60,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("feature extractor")
     g.add_argument("--extractor", default=None,
                    help="extractor checkpoint (ours or a bare state_dict); default <cluster_path>/<model>_<dataset>.pt")
-    g.add_argument("--train_extractor", action="store_true", help="train the extractor first, then cluster")
+    g.add_argument("--train_extractor", action="store_true",
+                   help="train the extractor first, then cluster (done anyway when the default checkpoint is missing)")
     g.add_argument("--pretrained", default="none", choices=["none", "imagenet"],
                    help="imagenet: initialise ResNet18BN from torchvision's ImageNet ResNet18")
     g.add_argument("--extractor_epochs", type=int, default=30)
@@ -134,24 +156,32 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
     except ex.ExtractorError as e:
         raise ConfigError(str(e)) from None
     _positive(args, "num_cluster", "n_init", "extract_batch", "extractor_epochs", "extractor_batch",
-              "train_subset", "max_steps", "view_samples")
+              "train_subset", "max_steps", "view_samples", "rep_partitions", "candidates", "num_threads")
+    if args.representative and args.scores:
+        raise ConfigError("--representative and --scores write different files: run them one at a time")
+    if (args.representative or args.scores) and args.norm:
+        raise ConfigError("--norm applies to cluster files; drop it with --representative / --scores")
     if args.margin < 0:
         raise ConfigError(f"--margin must be >= 0, got {args.margin}")
     if args.pretrained == "imagenet" and args.model != "ResNet18BN":
         raise ConfigError("--pretrained imagenet needs --model ResNet18BN (torchvision's ImageNet weights are "
                           f"BatchNorm weights), not {args.model}")
-    if not args.train_extractor:
+    device = resolve_device(args.device)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    data = load_data(args.dataset, args.data_path)      # the data first: every later hint assumes it is there
+    ext_path = args.extractor or ex.default_checkpoint_path(args.cluster_path, args.model, args.dataset)
+    default_ext = args.extractor is None
+    train = args.train_extractor or (default_ext and not os.path.isfile(ext_path))
+    if not train:
         only = [f for f, on in (("--resume", args.resume), ("--overwrite", args.overwrite),
                                 ("--pretrained imagenet", args.pretrained != "none")) if on]
         if only:
-            raise ConfigError(f"{', '.join(only)} only apply with --train_extractor")
-    device = resolve_device(args.device)
-    ext_path = args.extractor or ex.default_checkpoint_path(args.cluster_path, args.model, args.dataset)
-    default_ext = args.extractor is None
+            raise ConfigError(f"{', '.join(only)} only apply when the extractor is trained (--train_extractor)")
     fix = cl.cluster_command(args.dataset, args.data_path, args.num_cluster, args.layer_idx, args.norm, args.model,
                              args.margin, None if default_ext else args.extractor,
                              None if args.cluster_path == "checkpoints" else args.cluster_path)
-    if not args.train_extractor and not os.path.isfile(ext_path):
+    if not train and not os.path.isfile(ext_path):
         part = ex.partial_path(ext_path)
         hint = (f"; an unfinished training is in {part}, continue it with: {fix} --train_extractor --resume"
                 if os.path.exists(part) else "")
@@ -160,37 +190,50 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
             f"{' --pretrained imagenet' if args.model == 'ResNet18BN' else ''} "
             f"(or pass --extractor PATH to an existing checkpoint, e.g. the seed's resnet18_cifar.pt"
             f"{'; --model ResNet18BN --pretrained imagenet starts from ImageNet weights as the seed did' if args.model == 'ResNet18' else ''})")
-    if args.train_extractor and os.path.isfile(ext_path) and not args.overwrite:
+    if train and os.path.isfile(ext_path) and not args.overwrite:
         raise ex.ExtractorError(f"extractor checkpoint {ext_path} already exists; drop --train_extractor to use "
                                 f"it, or add --overwrite to retrain over it")
 
-    name = cl.cluster_file_name(args.dataset, args.num_cluster, args.layer_idx, args.norm, args.model,
-                                args.margin, ext_path)
+    if args.scores:
+        name = sel.score_file_name(args.dataset, args.model, ext_path)
+    elif args.representative:
+        name = sel.partition_file_name(args.dataset, args.num_cluster, args.layer_idx, args.rep_partitions,
+                                       args.candidates, args.model, ext_path)
+    else:
+        name = cl.cluster_file_name(args.dataset, args.num_cluster, args.layer_idx, args.norm, args.model,
+                                    args.margin, ext_path)
     out_path = os.path.join(args.cluster_path, name)
     stem = os.path.splitext(name)[0]
     handlers = _setup_logging(os.path.join(args.results_path, f"{stem}.log"))
     try:
-        return _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start)
+        return _run_logged(args, argv, data, train, device, ext_path, out_path, stem, fix, t_start)
     finally:
         for h in handlers:
             LOG.removeHandler(h)
             h.close()
 
 
-def _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start) -> str:
+def _run_logged(args, argv, data, train, device, ext_path, out_path, stem, fix, t_start) -> str:
     log = LOG.info
     log(f"main_cluster.py {' '.join(shlex.quote(a) for a in argv)}")
-    # ---- data and settings that need it --------------------------------------------------------
-    t0 = time.time()
-    data = load_data(args.dataset, args.data_path)
+    # ---- settings that need the data -----------------------------------------------------------
     counts = data.class_counts
     log(f"{data.name}: {len(data.labels_train)} training images from {data.source}, per class {counts}, "
-        f"fingerprint {data.fingerprint[:16]}... ({time.time() - t0:.1f}s)")
-    cl.check_feasible(counts, args.num_cluster, args.norm, args.margin, data.class_names)
+        f"fingerprint {data.fingerprint[:16]}...")
+    if args.representative and min(counts) < args.candidates:
+        raise ConfigError(f"--candidates {args.candidates} is more than the smallest class holds ({min(counts)}); "
+                          f"lower --candidates")
+    if args.representative and args.candidates < args.num_cluster:
+        raise ConfigError(f"--candidates {args.candidates} < --num_cluster {args.num_cluster}: each K-Means pool "
+                          f"needs at least one image per cluster")
+    if not args.scores:
+        cl.check_feasible(counts, args.num_cluster, args.norm, args.margin, data.class_names)
+        for line in cl.margin_notes(counts, args.num_cluster, args.norm, args.margin, data.class_names):
+            log(line)
     view_class = resolve_view_class(args.view_class, data.class_names)
 
     # ---- extractor -----------------------------------------------------------------------------
-    if args.train_extractor:
+    if train:
         cfg = ex.TrainConfig(model=args.model, dataset=args.dataset, epochs=args.extractor_epochs,
                              lr=args.extractor_lr, batch_size=args.extractor_batch,
                              weight_decay=args.weight_decay, pretrained=args.pretrained, seed=args.seed,
@@ -198,7 +241,11 @@ def _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start) -> s
                              flip="flip" in DATASETS[args.dataset].dsa_strategy)
         resume_cmd = "python main_cluster.py " + " ".join(shlex.quote(a) for a in argv)
         if not args.resume:
-            resume_cmd += " --resume"
+            resume_cmd += " --resume" if args.train_extractor else " --train_extractor --resume"
+        if not args.train_extractor:
+            log(f"no extractor checkpoint {ext_path}: training {args.model} on {data.name} first "
+                f"({args.extractor_epochs} epochs{', from ImageNet weights' if args.pretrained == 'imagenet' else ''}); "
+                f"it is saved there, and an interrupted training continues with: {resume_cmd}")
         t0 = time.time()
         ex.train_extractor(cfg, data, ext_path, device=device, resume=args.resume, overwrite=args.overwrite,
                            log=log, resume_command=resume_cmd, stop=ex.StopFlag(log))
@@ -206,6 +253,20 @@ def _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start) -> s
     net, info = ex.load_extractor(ext_path, args.model, data, device, log=log)
     acc = "unknown (bare state_dict)" if info["test_acc"] is None else f"{info['test_acc']:.4f}"
     log(f"extractor {ext_path}: sha256 {info['sha256'][:16]}..., test acc {acc}")
+
+    common = {"dataset": data.name, "source": data.source, "num_train": int(len(data.labels_train)),
+              "class_counts": [int(c) for c in counts], "fingerprint": data.fingerprint,
+              "extractor_name": info["name"], "extractor_sha256": info["sha256"],
+              "extractor_test_acc": info["test_acc"], "model": args.model, "seed": args.seed,
+              "created_by": "main_cluster.py", "argv": list(argv)}
+    if args.scores:
+        t0 = time.time()
+        scores = sel.compute_scores(net, data.images_train, data.labels_train, args.extract_batch, device)
+        sel.save_scores(out_path, scores, {**common, "score": "cross-entropy, eval mode, no augmentation"})
+        sel.load_scores(out_path, data)
+        log(f"scores: mean {scores.mean():.4f}, median {scores.median():.4f}, max {scores.max():.4f} "
+            f"({time.time() - t0:.1f}s); written: {out_path}")
+        return out_path
 
     # ---- features and clusters -----------------------------------------------------------------
     t0 = time.time()
@@ -217,6 +278,18 @@ def _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start) -> s
                                         data.fingerprint, args.extract_batch, device, log=log)
     log(f"features: layer {args.layer_idx}, {tuple(feats.shape)}{' from the cache ' + cache if hit else ''} "
         f"({time.time() - t0:.1f}s)")
+    if args.representative:
+        t0 = time.time()
+        reps = sel.make_partitions(feats, data.indices_class, args.num_cluster, args.rep_partitions,
+                                   args.candidates, args.seed)
+        sel.save_partitions(out_path, reps, {**common, "layer_idx": args.layer_idx, "k": args.num_cluster,
+                                             "partitions": args.rep_partitions, "candidates": args.candidates,
+                                             "kmeans_max_iter": sel.REP_KMEANS_ITER,
+                                             "class_seeds": "dcbs.seeding.derive_seed(seed, 'rep_pool'/'rep_kmeans', c, r)"})
+        sel.load_partitions(out_path, data)
+        log(f"representatives: {args.rep_partitions} partitions x {args.num_cluster} images per class from pools "
+            f"of {args.candidates} ({time.time() - t0:.1f}s); written: {out_path}")
+        return out_path
     t0 = time.time()
     clusters, cinfo = cl.cluster_dataset(feats, data.indices_class, args.num_cluster, args.norm, args.margin,
                                          args.seed, n_init=args.n_init, class_names=data.class_names)
@@ -236,7 +309,7 @@ def _run_logged(args, argv, device, ext_path, out_path, stem, fix, t_start) -> s
         "model": args.model, "layer_idx": args.layer_idx, "feature_dim": int(feats.shape[1]),
         "features": "global-average-pooled stage output, eval mode",
         "k": args.num_cluster, "norm": bool(args.norm), "margin": args.margin,
-        "size_bounds": cinfo["size_bounds"], "n_init": args.n_init, "max_iter": cl.KMEANS_MAX_ITER,
+        "size_bounds": cinfo["size_bounds"], "margin_clamped": cinfo["margin_clamped"], "n_init": args.n_init, "max_iter": cl.KMEANS_MAX_ITER,
         "seed": args.seed, "class_seeds": "dcbs.seeding.derive_seed(seed, 'kmeans', c)",
         "sizes": cinfo["sizes"], "centers": cinfo["centers"], "inertia": cinfo["inertia"],
         "indices": "training-set indices in loader order, ascending within each cluster",

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from networks import build_model
+from dcbs.fast_ops import build_model
 from dcbs.augment import DiffAugment, ParamDiffAug, augment, get_daparam
 from dcbs.condense import Condenser, distribution_matching_step, gradient_matching_step
 from dcbs.data import data_fingerprint, denormalize, get_dataset, load_data

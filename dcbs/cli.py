@@ -1,7 +1,7 @@
 """The command line shared by main.py (DC/DSA/DM) and main_BS.py (Batch Sampling).
 
-Both scripts call ``main(argv, batch_sampling)``; the only difference is the
-real-batch sampler handed to the one condensation loop.
+Both scripts call ``main(argv, default_sampler)`` with one parser; they differ only
+in the default ``--sampler`` (class / cluster) handed to the one condensation loop.
 """
 from __future__ import annotations
 
@@ -13,18 +13,16 @@ import time
 import numpy as np
 import torch
 
-from networks import set_ops
 
 from .clusters import ClusterFileError
 from .condense import Condenser, Interrupted, NonFiniteError
-from .config import BS_DEFAULTS, DEFAULTS, ConfigError, build_parser, resolve
+from .config import ConfigError, build_parser, resolve, upgrade_config
 from .data import DataError, load_data
-from .evaluate import check_compile, eval_settings_for, get_eval_pool
+from .evaluate import check_compile, check_synthetic_set, eval_settings_for, get_eval_pool
 from .io import FileFormatError, file_sha256, safe_load
 from .precision import check as check_precision
 from .rundir import RunDir, RunDirError, git_revision, setup_logging
-from .samplers import ClassSampler, ClusterSampler
-from .seeding import derive_seed
+from .samplers import SAMPLERS, SamplerError, method_label
 
 log = logging.getLogger("dcbs")
 
@@ -32,9 +30,9 @@ log = logging.getLogger("dcbs")
 RESUME_FREE = {"device", "num_threads", "ckpt_every", "resume", "save_path", "explicit", "run_name"}
 # eval_batch, ops and compile change results only by floating-point rounding, so they may change on resume too
 RESUME_FREE |= {"eval_batch", "ops", "compile"}
-# settings saved under an older name: {old: new}
-RENAMED = {"compile_test": "compile"}
-ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted, ClusterFileError)
+ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted, ClusterFileError,
+          SamplerError)
+SCRIPTS = {"class": "main.py", "cluster": "main_BS.py"}   # the script whose default each sampler is
 
 
 def pick_device(name: str) -> torch.device:
@@ -45,70 +43,41 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def method_label(cfg) -> str:
-    return f"BS({cfg.method})" if cfg.batch_sampling else cfg.method
+def label(cfg) -> str:
+    return method_label(cfg.method, cfg.sampler)
 
 
 def default_run_name(cfg) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if cfg.batch_sampling:
-        m = f"BS-{cfg.method}_k{cfg.num_cluster}_l{cfg.layer_idx}{'_norm' if cfg.norm else ''}"
-    else:
-        m = cfg.method
+    tag = SAMPLERS[cfg.sampler].tag
+    m = f"{tag}-{cfg.method}" if tag else cfg.method
+    if cfg.sampler == "cluster":
+        m += f"_k{cfg.num_cluster}_l{cfg.layer_idx}{'_norm' if cfg.norm else ''}"
+    elif cfg.sampler == "pruned":
+        m += f"_f{cfg.prune_hard:g}"
+    elif cfg.sampler == "representative":
+        m += f"_{cfg.rep_embed}"
     return f"{m}_{cfg.dataset}_{cfg.model}_ipc{cfg.ipc}_{stamp}"
-
-
-# --------------------------------------------------------------------------- #
-# samplers
-# --------------------------------------------------------------------------- #
-def cluster_source(cfg, data):
-    """Loads and validates the cluster file for Batch Sampling; returns (clusters, info for config)."""
-    from .clusters import cluster_command, cluster_file_name, load_clusters
-    cmd = cluster_command(cfg.dataset, cfg.data_path, cfg.num_cluster, cfg.layer_idx, cfg.norm,
-                          model=cfg.cluster_model, margin=cfg.margin,
-                          cluster_path=None if cfg.cluster_path == "checkpoints" else cfg.cluster_path)
-    if cfg.cluster_file:
-        path = cfg.cluster_file
-        keys = {"num_cluster": "k", "layer_idx": "layer_idx", "norm": "norm", "cluster_model": "model",
-                "margin": "margin"}
-        expect = {v: getattr(cfg, k) for k, v in keys.items() if k in cfg.explicit}
-    else:
-        path = os.path.join(cfg.cluster_path, cluster_file_name(cfg.dataset, cfg.num_cluster, cfg.layer_idx,
-                                                                cfg.norm, model=cfg.cluster_model, margin=cfg.margin))
-        expect = {"k": cfg.num_cluster, "layer_idx": cfg.layer_idx, "norm": cfg.norm, "model": cfg.cluster_model,
-                  "margin": cfg.margin}
-    expect["dataset"] = cfg.dataset
-    if cfg.cluster_file:
-        cmd += " (then pass the file it writes to --cluster_file, or drop --cluster_file)"
-    if not os.path.isfile(path):
-        raise ClusterFileError(f"cluster file {path} not found; make it with: {cmd}")
-    clusters, meta = load_clusters(path, data, expect=expect, fix_command=cmd)
-    info = {"cluster_file": os.path.abspath(path), "cluster_file_sha256": file_sha256(path),
-            "cluster_k": meta.get("k"), "cluster_layer": meta.get("layer_idx"), "cluster_norm": meta.get("norm")}
-    return clusters, info
 
 
 # --------------------------------------------------------------------------- #
 # resume
 # --------------------------------------------------------------------------- #
-def resume_config(ns, batch_sampling):
+def resume_config(ns, default_sampler):
     """Saved configuration of --resume RUN_DIR, with the flags that may change applied."""
     run = RunDir.open_for_resume(ns.resume)
-    saved = run.read_config()
-    for old, new in RENAMED.items():
-        if old in saved:
-            saved.setdefault(new, saved.pop(old))
+    saved = upgrade_config(run.read_config())
+    script = SCRIPTS.get(default_sampler, "main.py")
+    if saved.get("script", script) != script:
+        raise ConfigError(f"--resume {ns.resume}: {saved['script']} (--sampler {saved['sampler']}) made this run; "
+                          f"continue it with: python {saved['script']} --resume {ns.resume}")
     given = {k: v for k, v in vars(ns).items() if v is not None and k != "resume"}
-    fresh = vars(resolve(ns.__class__(**{**{k: None for k in vars(ns)}, **given}), batch_sampling))
-    # a setting absent from the saved run did not exist yet: the run had its default
-    defaults = {**DEFAULTS, **BS_DEFAULTS}
-    before = lambda k: saved.get(k, defaults.get(k))
-    diffs = [f"--{k} {fresh[k]!r} (run has {before(k)!r})" for k in given
-             if k not in RESUME_FREE and k != "preset" and fresh.get(k) != before(k)]
+    fresh = vars(resolve(ns.__class__(**{**{k: None for k in vars(ns)}, **given, "sampler":
+                                         given.get("sampler", saved["sampler"])}), default_sampler))
+    diffs = [f"--{k} {fresh[k]!r} (run has {saved.get(k)!r})" for k in given
+             if k not in RESUME_FREE and k != "preset" and fresh.get(k) != saved.get(k)]
     if given.get("preset") and given["preset"] != saved.get("preset"):
         diffs.append(f"--preset {given['preset']!r} (run has {saved.get('preset')!r})")
-    if saved.get("batch_sampling") != batch_sampling:
-        diffs.append("script: " + ("main_BS.py" if saved.get("batch_sampling") else "main.py") + " made this run")
     if diffs:
         raise ConfigError(f"--resume {ns.resume}: these settings differ from the run and would change its result: "
                           + "; ".join(diffs) + ". Drop them, or start a new run.")
@@ -125,13 +94,13 @@ def resume_config(ns, batch_sampling):
 # --------------------------------------------------------------------------- #
 # main
 # --------------------------------------------------------------------------- #
-def main(argv=None, batch_sampling: bool = False) -> int:
+def main(argv=None, default_sampler: str = "class") -> int:
     from .perf import tune_allocator
     tune_allocator()
-    parser = build_parser(batch_sampling)
+    parser = build_parser(default_sampler)
     ns = parser.parse_args(argv)
     try:
-        return _main(ns, batch_sampling)
+        return _main(ns, default_sampler)
     except ERRORS as e:
         for h in logging.getLogger().handlers:  # keep the reason in the run's log.txt too
             if isinstance(h, logging.FileHandler):
@@ -140,50 +109,42 @@ def main(argv=None, batch_sampling: bool = False) -> int:
         return 130 if isinstance(e, Interrupted) else 2
 
 
-def _main(ns, batch_sampling) -> int:
+def _main(ns, default_sampler) -> int:
     from types import SimpleNamespace
-    script = "main_BS.py" if batch_sampling else "main.py"
+    script = SCRIPTS.get(default_sampler, "main.py")
     if ns.resume:
-        run, cfgd = resume_config(ns, batch_sampling)
+        run, cfgd = resume_config(ns, default_sampler)
         cfg = SimpleNamespace(**cfgd)
     else:
-        cfg = resolve(ns, batch_sampling)
+        cfg = resolve(ns, default_sampler)
         run = None
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    set_ops(getattr(cfg, "ops", "fast"))  # runs saved before --ops existed resume with the default
     device = pick_device(cfg.device)
     try:
-        precision_warning = check_precision(getattr(cfg, "precision", "fp32"), device)   # absent in older runs
+        precision_warning = check_precision(cfg.precision, device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if getattr(cfg, "compile", False):
+    if cfg.compile:
         check_compile(device)  # fail now, not at the first evaluation hours in
-    if getattr(cfg, "load_syn", None):
+    if cfg.load_syn:
         return evaluate_saved(cfg, device)
 
     data = load_data(cfg.dataset, cfg.data_path)
     if cfg.init == "real" and cfg.ipc > min(data.class_counts):
         raise ConfigError(f"--init real needs ipc <= the smallest class ({min(data.class_counts)} images); "
                           f"lower --ipc or use --init noise")
-    cluster_info, make_sampler = {}, None
-    if batch_sampling:
-        clusters, cluster_info = cluster_source(cfg, data)
-        if cfg.cluster_file:  # the file's own k / layer / norm are the effective settings
-            cfg = SimpleNamespace(**{**vars(cfg), "num_cluster": cluster_info["cluster_k"],
-                                     "layer_idx": cluster_info["cluster_layer"], "norm": cluster_info["cluster_norm"]})
-        mix_after = cfg.mix_after if cfg.mix else None
-        make_sampler = lambda exp: ClusterSampler(clusters, derive_seed(cfg.seed, "sampler", exp),
-                                                  cfg.cluster_weighting, mix_after)
-    else:
-        make_sampler = lambda exp: ClassSampler(data.indices_class, derive_seed(cfg.seed, "sampler", exp))
+    make_sampler, cluster_info = SAMPLERS[cfg.sampler].setup(cfg, data)
+    if cfg.sampler == "cluster" and cfg.cluster_file:  # the file's own k / layer / norm are the effective settings
+        cfg = SimpleNamespace(**{**vars(cfg), "num_cluster": cluster_info["cluster_k"],
+                                 "layer_idx": cluster_info["cluster_layer"], "norm": cluster_info["cluster_norm"]})
 
     resume_state = None
     if run is None:
         run = RunDir.create(cfg.save_path, cfg.run_name, default_run_name(cfg))
         config = dict(vars(cfg))
         config.update(cluster_info)
-        config.update({"script": script, "label": method_label(cfg), "argv": sys.argv, "git_revision": git_revision(),
+        config.update({"script": script, "label": label(cfg), "argv": sys.argv, "git_revision": git_revision(),
                        "torch_version": str(torch.__version__), "device_used": str(device),
                        "num_threads_used": torch.get_num_threads(),
                        "data_source": data.source, "data_fingerprint": data.fingerprint,
@@ -198,22 +159,22 @@ def _main(ns, batch_sampling) -> int:
         if data.fingerprint != config.get("data_fingerprint"):
             raise ConfigError(f"--resume {run.path}: the dataset differs from the run's "
                               f"({data.source} vs {config.get('data_source')}); point --data_path at the same data")
-        if cluster_info and cluster_info["cluster_file_sha256"] != config.get("cluster_file_sha256"):
+        if cluster_info.get("cluster_file_sha256") != config.get("cluster_file_sha256"):
             raise ConfigError(f"--resume {run.path}: the cluster file {cluster_info['cluster_file']} changed "
                               f"since the run started; restore it or start a new run")
         resume_state = run.load_checkpoint()
     setup_logging(run.file("log.txt"))
-    log.info("%s %s on %s (%s), run directory %s", script, method_label(cfg), cfg.dataset, data.source, run.path)
+    log.info("%s %s on %s (%s), run directory %s", script, label(cfg), cfg.dataset, data.source, run.path)
     if precision_warning:
         log.warning(precision_warning)
     if cfg.preset:
-        log.info("preset %s: a REDUCED protocol (%d iterations, %d experiments x %d models)", cfg.preset,
-                 cfg.Iteration, cfg.num_exp, cfg.num_eval)
+        log.info("preset %s: a REDUCED protocol (%d iterations, %d experiments x %d models, outer_loop %d, "
+                 "inner_loop %d)", cfg.preset, cfg.Iteration, cfg.num_exp, cfg.num_eval, cfg.outer_loop, cfg.inner_loop)
     data.to(device)
-    condenser = Condenser(cfg, data, make_sampler, run, device, method_label(cfg))
+    condenser = Condenser(cfg, data, make_sampler, run, device, label(cfg))
     t0 = time.time()
     final = condenser.run_all(config, resume_state)
-    lines = [f"{method_label(cfg)} {cfg.dataset} {cfg.model} ipc {cfg.ipc}, iteration {cfg.Iteration}"
+    lines = [f"{label(cfg)} {cfg.dataset} {cfg.model} ipc {cfg.ipc}, iteration {cfg.Iteration}"
              + (f" (preset {cfg.preset}: reduced protocol)" if cfg.preset else "")]
     for arch, accs in final.items():
         lines.append(f"{arch}: {100 * np.mean(accs):.2f} ± {100 * np.std(accs):.2f} over {len(accs)} models")
@@ -236,7 +197,7 @@ def evaluate_saved(cfg, device) -> int:
     dataset = obj.get("dataset", cfg.dataset)
     data = load_data(dataset, cfg.data_path)
     sets = []
-    for pair in obj["data"]:
+    for i, pair in enumerate(obj["data"]):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and torch.is_tensor(pair[0])):
             raise FileFormatError(f"synthetic set {cfg.load_syn}: entries of 'data' must be [images, labels]")
         x, y = pair[0].float(), pair[1].long()
@@ -247,6 +208,7 @@ def evaluate_saved(cfg, device) -> int:
             m = torch.tensor(data.mean).view(1, -1, 1, 1)
             s = torch.tensor(data.std).view(1, -1, 1, 1)
             x = (x - m) / s
+        check_synthetic_set(x, y, data.num_classes, f"synthetic set {cfg.load_syn}, entry {i}")
         sets.append((x, y))
     cfg.dataset, cfg.ipc = dataset, int(obj.get("ipc", sets[0][1].numel() // data.num_classes))
     run = RunDir.create(cfg.save_path, cfg.run_name,

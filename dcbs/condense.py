@@ -4,8 +4,8 @@
 diagnostics, interruption and the non-finite guard. What one iteration does is
 a *step* chosen by method (``gradient_matching_step`` for DC/DSA,
 ``distribution_matching_step`` for DM); where the real images come from is the
-*sampler* passed in (``ClassSampler`` for the baselines, ``ClusterSampler`` for
-Batch Sampling). main.py and main_BS.py differ only in the sampler they pass.
+*sampler* passed in (``dcbs.samplers``: ``class`` for the baselines, ``cluster``
+for Batch Sampling, ...). main.py and main_BS.py differ only in the default sampler.
 
 Random sources (all derived from ``cfg.seed``, see ``seeding``): the synthetic
 initialisation ("init", exp), the network of each iteration ("net", exp, it),
@@ -27,15 +27,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from networks import build_model
 from . import precision
 from .augment import DiffAugment, ParamDiffAug
 from .data import RealData, denormalize
 from .evaluate import (auto_eval_batch, batchable, build_eval_model, embed_no_grad, epoch, eval_settings_for,
                        get_eval_pool, has_batchnorm, minibatches, train_and_test, train_and_test_batched)
+from .fast_ops import build_model
 from .kernels import KERNELS
-from .matching import get_loops
-from .samplers import ClassSampler
+from .samplers import ClassSampler, sampler_tag
 from .seeding import derive_seed, generator, seeded
 
 __all__ = ["Condenser", "gradient_matching_step", "distribution_matching_step", "train_on_synthetic", "STEPS",
@@ -105,6 +104,7 @@ class Diagnostics:
         self.gw_real = self.gw_syn = None
         self.n_grads = 0
         self.batch_sizes = []
+        self.sample_seconds = 0.0
 
     def add_loss(self, loss: torch.Tensor, count: int):
         l = loss.detach()
@@ -126,11 +126,15 @@ class Diagnostics:
     def add_batch(self, n: int):
         self.batch_sizes.append(n)
 
+    def add_sample_time(self, seconds: float):
+        self.sample_seconds += seconds
+
     def row(self, exp: int, it: int) -> dict:
         loss = float(self.loss) / max(1, self.n_loss) if self.loss is not None else float("nan")
         row = {"exp": exp, "it": it, "loss": loss,
                "batch_real_mean": float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0,
-               "batch_real_min": int(min(self.batch_sizes)) if self.batch_sizes else 0}
+               "batch_real_min": int(min(self.batch_sizes)) if self.batch_sizes else 0,
+               "sample_seconds": self.sample_seconds}
         if self.gw_real is not None:
             r = (self.gw_real / self.n_grads).tolist()
             s = (self.gw_syn / self.n_grads).tolist()
@@ -153,9 +157,16 @@ class StepContext:
     diag: Diagnostics
 
     def real_batch(self, c: int, n: int) -> torch.Tensor:
+        t0 = time.perf_counter()
         idx = self.sampler.sample(c, n, self.it)
+        self.diag.add_sample_time(time.perf_counter() - t0)
         self.diag.add_batch(len(idx))
         return self.data.images_train[idx.to(self.data.images_train.device)].to(self.device)
+
+    def prepare_sampler(self, net, outer_step: int) -> None:
+        t0 = time.perf_counter()
+        self.sampler.prepare(net, self.it, outer_step)
+        self.diag.add_sample_time(time.perf_counter() - t0)
 
     def siamese(self, img_real, img_syn, *where):
         """DSA with the same transform on both batches (no-op when the strategy is 'none')."""
@@ -182,15 +193,16 @@ def _freeze_bn(net, ctx: StepContext):
 def gradient_matching_step(net, image_syn, label_syn, opt_img, ctx: StepContext) -> None:
     """One DC/DSA iteration: outer_loop synthetic updates, inner_loop network updates between them."""
     cfg, ipc, nc = ctx.cfg, ctx.cfg.ipc, ctx.data.num_classes
-    outer_loop, inner_loop = get_loops(ipc)
+    outer_loop, inner_loop = cfg.outer_loop, cfg.inner_loop
     criterion = nn.CrossEntropyLoss()
     opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
     bn = has_batchnorm(net)
-    kernel = KERNELS[getattr(cfg, "kernel", "loop")]
-    amp = precision.autocast(ctx.device, getattr(cfg, "precision", "fp32"))    # absent in older runs
+    kernel = KERNELS[cfg.kernel]
+    amp = precision.autocast(ctx.device, cfg.precision)
     for ol in range(outer_loop):
         if bn:
             _freeze_bn(net, ctx)
+        ctx.prepare_sampler(net, ol)
 
         def batch(c, ol=ol):
             img_real = ctx.real_batch(c, cfg.batch_real)
@@ -229,9 +241,10 @@ def distribution_matching_step(net, image_syn, label_syn, opt_img, ctx: StepCont
     for p in net.parameters():
         p.requires_grad_(False)
     net.train()
+    ctx.prepare_sampler(net, 0)
     loss = image_syn.new_zeros(())
-    compiled = getattr(cfg, "compile", False)  # absent in older runs
-    if not has_batchnorm(net) and getattr(cfg, "kernel", "loop") == "loop":
+    compiled = cfg.compile
+    if not has_batchnorm(net) and cfg.kernel == "loop":
         for c in range(nc):
             img_real, img_syn = ctx.siamese(ctx.real_batch(c, cfg.batch_real), image_syn[c * ipc:(c + 1) * ipc], c)
             emb_real = embed_no_grad(net, img_real, compiled)
@@ -284,7 +297,7 @@ class Condenser:
     def eval_settings(self, arch):
         c = self.cfg
         return eval_settings_for(arch, c.dataset, c.model, c.ipc, c.dsa_strategy, c.lr_net, c.batch_train,
-                                 c.epoch_eval_train, getattr(c, "compile", False))  # absent in older runs
+                                 c.epoch_eval_train, c.compile)
 
     def evaluate(self, images, labels, exp: int, it: int) -> dict | None:
         """Trains num_eval models of every evaluation architecture; None if interrupted."""
@@ -294,7 +307,7 @@ class Condenser:
         for arch in self.eval_pool:
             s = self.eval_settings(arch)
             accs, t0 = [], time.time()
-            group = auto_eval_batch(getattr(c, "eval_batch", None), self.device, c.num_eval)
+            group = auto_eval_batch(c.eval_batch, self.device, c.num_eval)
             if s.compile_test and group > 1 and not self._warned_compile:
                 self._warned_compile = True
                 log.warning("--compile compiles the test pass of models trained one by one; %d are trained together "
@@ -302,8 +315,8 @@ class Condenser:
             bar = tqdm(total=c.num_eval, desc=f"eval {arch} it {it}", leave=False, disable=None)
             for start in range(0, c.num_eval, group):
                 ids = range(start, min(start + group, c.num_eval))
-                nets = [build_eval_model(arch, d.channel, d.num_classes, d.im_size, c.seed, "eval", exp, it, arch, i)
-                        .to(self.device) for i in ids]
+                nets = [build_eval_model(arch, d.channel, d.num_classes, d.im_size, c.seed, "eval", exp, it, arch, i,
+                                         ops=getattr(c, "ops", "fast")).to(self.device) for i in ids]
                 gens = [generator(c.seed, "evaltrain", exp, it, arch, i) for i in ids]
                 if len(nets) > 1 and batchable(nets[0]):
                     accs += train_and_test_batched(nets, images, labels, d.images_test, d.labels_test, s, gens,
@@ -413,7 +426,7 @@ class Condenser:
                 break
             t0 = time.time()
             with seeded(c.seed, "net", exp, it):
-                net = build_model(c.model, d.channel, d.num_classes, d.im_size)
+                net = build_model(c.model, d.channel, d.num_classes, d.im_size, ops=getattr(c, "ops", "fast"))
             net = net.to(self.device)
             net.train()
             diag = Diagnostics([n for n, _ in net.named_parameters()] if c.method != "DM" else None)
@@ -440,8 +453,7 @@ class Condenser:
                  t_cond, t_eval)
         self.data_save.append([image_syn.detach().cpu(), label_syn.cpu()])
         self.run.save(self._syn_file(image_syn, label_syn, exp, c.Iteration), f"syn_exp{exp}.pt")
-        self.run.save(self._res_file(), f"res_{c.method}_{c.dataset}_{c.model}_{c.ipc}ipc.pt"
-                      if not c.batch_sampling else f"res_BS{c.method}_{c.dataset}_{c.model}_{c.ipc}ipc.pt")
+        self.run.save(self._res_file(), f"res_{sampler_tag(c.sampler)}{c.method}_{c.dataset}_{c.model}_{c.ipc}ipc.pt")
         self.run.write_diagnostics(self.diagnostics)
         if exp + 1 < c.num_exp:  # the next experiment starts from scratch: checkpoint its start
             self.run.save_checkpoint(self._next_exp_state(exp + 1, config))

@@ -9,14 +9,18 @@ derived values get their own names.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from types import SimpleNamespace
 
-from networks import OPS, model_names
+from networks import model_names
 from .data import DATASETS
+from .matching import get_loops
+from .fast_ops import OPS
 from .precision import PRECISIONS
 
-__all__ = ["build_parser", "resolve", "ConfigError", "PRESETS", "METHOD_DEFAULTS", "default_eval_its"]
+__all__ = ["build_parser", "resolve", "upgrade_config", "load_run_config", "ConfigError", "PRESETS", "METHOD_DEFAULTS",
+           "default_eval_its"]
 
 
 class ConfigError(ValueError):
@@ -29,12 +33,16 @@ DEFAULTS = dict(
     init="noise", dsa_strategy=None, data_path="data", save_path="results", dis_metric="ours",
     seed=0, device="auto", eval_it=None, eval_every=500, run_name=None, ckpt_every=50, num_threads=None,
     kernel="loop", ops="fast", resume=None, load_syn=None, eval_batch=None, compile=False, precision="fp32",
+    outer_loop=None, inner_loop=None,
 )
-# Batch Sampling (main_BS.py only)
-BS_DEFAULTS = dict(
-    layer_idx=3, num_cluster=20, norm=False, margin=50, cluster_model="ResNet18", cluster_path="checkpoints",
-    cluster_file=None, cluster_weighting="uniform", mix=False, mix_after=300,
+# real-batch samplers (dcbs.samplers): main.py defaults to "class", main_BS.py to "cluster"
+SAMPLER_DEFAULTS = dict(
+    sampler="class", layer_idx=3, num_cluster=20, norm=False, margin=50, cluster_model="ResNet18",
+    cluster_path="checkpoints", cluster_file=None, cluster_weighting="uniform", mix=False, mix_after=300,
+    rep_embed="features", rep_partitions=20, candidates=None, interval=10, prune_hard=0.2,
 )
+DEFAULTS.update(SAMPLER_DEFAULTS)
+REP_CANDIDATES = 1024   # --rep_embed features: images per K-Means pool when --candidates is not given
 
 METHOD_DEFAULTS = {
     "DC": {},
@@ -47,8 +55,12 @@ PRESETS = {
     "demo": dict(dataset="digits", Iteration=20, num_exp=1, num_eval=3, eval_every=20, epoch_eval_train=150),
     # reduced protocol for CPU tries on real data: 200 iterations, 10 models at 0/100/200
     "cpu": dict(Iteration=200, num_exp=1, num_eval=10, eval_every=100),
-    # smoke test: seconds
-    "smoke": dict(dataset="digits", Iteration=2, num_exp=1, num_eval=1, eval_every=1, epoch_eval_train=2),
+    # the sampler study (results/samplers.md), pinned before any seed ran: ipc 1 and its ipc-10 follow-up
+    "study": dict(Iteration=200, num_exp=1, num_eval=10, eval_it=[50, 100, 200]),
+    "study10": dict(Iteration=100, num_exp=1, num_eval=10, eval_it=[25, 50, 100]),
+    # smoke test: seconds at any ipc (one outer and one inner step per iteration)
+    "smoke": dict(dataset="digits", Iteration=2, num_exp=1, num_eval=1, eval_every=1, epoch_eval_train=2,
+                  outer_loop=1, inner_loop=1),
 }
 
 
@@ -59,14 +71,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} -h)\n")
 
 
-def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
+def build_parser(default_sampler: str = "class") -> argparse.ArgumentParser:
+    """The parser of main.py and main_BS.py; they differ only in the default ``--sampler``."""
+    from .samplers import SAMPLERS
     p = _Parser(
-        description=("Batch Sampling (DC/DSA with real batches drawn from one feature cluster)" if batch_sampling
-                     else "Dataset condensation baselines: DC, DSA, DM"),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=None)
+        description=("Batch Sampling: DC/DSA whose real batches come from one feature cluster of the class"
+                     if default_sampler == "cluster" else "Dataset condensation: DC, DSA, DM")
+        + f" (default --sampler {default_sampler})", argument_default=None)
     a = p.add_argument
-    methods = ["DC", "DSA"] if batch_sampling else ["DC", "DSA", "DM"]
-    a("--method", choices=methods, help="condensation method (default DC)")
+    a("--method", choices=["DC", "DSA", "DM"], help="condensation method (default DC)")
     a("--dataset", choices=list(DATASETS), help="dataset (default CIFAR10; 'digits' is embedded and offline)")
     a("--model", choices=model_names(), help="network used for condensation (default ConvNet)")
     a("--ipc", type=int, help="images per class (default 1)")
@@ -87,6 +100,10 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
     a("--Iteration", type=int, help="condensation iterations (default 1000; DM 20000)")
     a("--lr_img", type=float, help="learning rate of the synthetic images (default 0.1; DM 1.0)")
     a("--lr_net", type=float, help="learning rate of the networks (default 0.01)")
+    a("--outer_loop", type=int, help="synthetic updates per iteration (default: DC's schedule for the ipc, "
+                                     "1 at ipc 1, 10 at ipc 10, 50 at ipc 50)")
+    a("--inner_loop", type=int, help="network epochs on the synthetic set between two of them (default: DC's "
+                                     "schedule, 1 / 50 / 10)")
     a("--batch_real", type=int, help="real images per class per matching step (default 256)")
     a("--batch_train", type=int, help="batch size when training on the synthetic set (default 256)")
     a("--init", choices=["noise", "real"], help="synthetic initialisation (default noise; DM real)")
@@ -117,17 +134,30 @@ def build_parser(batch_sampling: bool = False) -> argparse.ArgumentParser:
            "fp32; opt-in: needs a CPU with avx512_bf16/AMX or a bf16 GPU, results differ from fp32 by more "
            "than rounding)")
     a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")
-    if batch_sampling:
-        a("--layer_idx", type=int, help="feature layer the clusters were made from (default 3)")
-        a("--num_cluster", type=int, help="clusters per class, k (default 20)")
-        a("--norm", action="store_true", default=None, help="clusters from size-constrained K-Means")
-        a("--margin", type=int, help="size margin of --norm clusters (default 50)")
-        a("--cluster_model", choices=["ResNet18", "ResNet18BN", "ConvNet"], help="feature extractor (default ResNet18)")
-        a("--cluster_path", help="folder of cluster files (default checkpoints)")
-        a("--cluster_file", help="explicit cluster file (overrides the name built from the flags above)")
-        a("--cluster_weighting", choices=["uniform", "size"], help="how a cluster is picked (default uniform)")
-        a("--mix", action="store_true", default=None, help="after --mix_after iterations draw whole-class batches")
-        a("--mix_after", type=int, help="iteration after which --mix switches to class batches (default 300)")
+    g = p.add_argument_group("real-batch sampler (dcbs/samplers.py)")
+    a = g.add_argument
+    a("--sampler", choices=list(SAMPLERS), help=f"where each class's real batch comes from (default {default_sampler}): "
+      "class = random images of the class (DC); cluster = one random feature cluster (Batch Sampling); "
+      "stratified = one image from each of batch_real K-Means clusters; representative = the image nearest "
+      "each of batch_real K-Means centres (DREAM); pruned = the class without its hardest images")
+    a("--layer_idx", type=int, help="feature layer of the cluster / partition file (default 3)")
+    a("--num_cluster", type=int, help="clusters per class, k, of --sampler cluster (default 20; stratified: "
+                                      "--batch_real)")
+    a("--norm", action="store_true", default=None, help="clusters from size-constrained K-Means")
+    a("--margin", type=int, help="size margin of --norm clusters (default 50)")
+    a("--cluster_model", choices=["ResNet18", "ResNet18BN", "ConvNet"], help="feature extractor (default ResNet18)")
+    a("--cluster_path", help="folder of cluster, partition and score files (default checkpoints)")
+    a("--cluster_file", help="explicit cluster, partition or score file (overrides the name built from the flags)")
+    a("--cluster_weighting", choices=["uniform", "size"], help="cluster: how a cluster is picked (default uniform)")
+    a("--mix", action="store_true", default=None, help="cluster: after --mix_after iterations draw class batches")
+    a("--mix_after", type=int, help="iteration after which --mix switches to class batches (default 300)")
+    a("--rep_embed", choices=["features", "net"], help="representative: K-Means on precomputed extractor features "
+                                                       "(default) or on the matching network's embedding")
+    a("--rep_partitions", type=int, help="representative, features: partitions per class in the file (default 20)")
+    a("--candidates", type=int, help=f"representative: images clustered per class (default {REP_CANDIDATES} for "
+                                     "features, the whole class for net)")
+    a("--interval", type=int, help="representative, net: outer steps between two clusterings (default 10)")
+    a("--prune_hard", type=float, help="pruned: fraction of each class dropped, hardest first (default 0.2)")
     return p
 
 
@@ -138,18 +168,22 @@ def default_eval_its(iterations: int, every: int) -> list[int]:
     return its
 
 
-def resolve(ns: argparse.Namespace, batch_sampling: bool = False) -> SimpleNamespace:
+def resolve(ns: argparse.Namespace, default_sampler: str = "class") -> SimpleNamespace:
     """Layers defaults, method defaults, preset and explicit flags; validates; returns a new namespace."""
     explicit = {k: v for k, v in vars(ns).items() if v is not None}
     method = explicit.get("method", DEFAULTS["method"])
-    cfg = dict(DEFAULTS, **(BS_DEFAULTS if batch_sampling else {}))
+    cfg = dict(DEFAULTS, sampler=default_sampler)
     cfg.update(METHOD_DEFAULTS[method])
     if explicit.get("preset"):
         cfg.update(PRESETS[explicit["preset"]])
     cfg.update(explicit)
     cfg["preset"] = explicit.get("preset")
-    cfg["batch_sampling"] = batch_sampling
     cfg["explicit"] = sorted(explicit)
+    schedule = get_loops(cfg["ipc"]) if cfg["ipc"] >= 1 else (1, 1)
+    cfg["outer_loop"] = schedule[0] if cfg["outer_loop"] is None else cfg["outer_loop"]
+    cfg["inner_loop"] = schedule[1] if cfg["inner_loop"] is None else cfg["inner_loop"]
+    if cfg["sampler"] == "representative" and cfg["rep_embed"] == "features" and cfg["candidates"] is None:
+        cfg["candidates"] = REP_CANDIDATES
     spec = DATASETS.get(cfg["dataset"])
     if cfg["dsa_strategy"] is None:
         cfg["dsa_strategy"] = spec.dsa_strategy if method in ("DSA", "DM") else "none"
@@ -173,25 +207,47 @@ def validate(cfg: dict) -> None:
     for k in ("num_exp", "num_eval", "batch_real", "batch_train", "ckpt_every", "eval_batch"):
         need(cfg[k] is None and k == "eval_batch" or cfg[k] >= 1, f"--{k} must be at least 1 (got {cfg[k]})")
     need(cfg["Iteration"] >= 0, f"--Iteration must be >= 0 (got {cfg['Iteration']})")
-    need(cfg["lr_img"] > 0 and cfg["lr_net"] > 0, "--lr_img and --lr_net must be positive")
+    need(cfg["outer_loop"] >= 1 and cfg["inner_loop"] >= 0, "--outer_loop must be at least 1, --inner_loop at least 0")
+    for k in ("lr_img", "lr_net"):
+        need(math.isfinite(cfg[k]) and cfg[k] > 0, f"--{k} must be a positive finite number (got {cfg[k]})")
     if cfg["epoch_eval_train"] is not None:
-        need(cfg["epoch_eval_train"] >= 0, "--epoch_eval_train must be >= 0")
-    bad = [i for i in cfg["eval_it"] if i < 0 or i > cfg["Iteration"]]
-    need(not bad, f"--eval_it {bad} outside 0..{cfg['Iteration']}: lower them or raise --Iteration")
+        need(cfg["epoch_eval_train"] >= 1, f"--epoch_eval_train must be at least 1 (got {cfg['epoch_eval_train']}): "
+                                           f"with 0 the result would be an untrained model's accuracy")
+    neg = [i for i in cfg["eval_it"] if i < 0]
+    need(not neg, f"--eval_it {neg}: iterations count from 0; give iterations in 0..{cfg['Iteration']}")
+    bad = [i for i in cfg["eval_it"] if i > cfg["Iteration"]]
+    need(not bad, f"--eval_it {bad} beyond --Iteration {cfg['Iteration']}: lower them or raise --Iteration")
     if cfg["method"] == "DM":
         need(cfg["dis_metric"] == "ours" or "dis_metric" not in cfg["explicit"],
              "--dis_metric does not apply to DM (it matches mean embeddings)")
         need(cfg["precision"] == "fp32", "--precision bf16 applies to DC/DSA gradient matching; DM runs in fp32: "
                                          "drop --precision")
-    if cfg["batch_sampling"]:
-        need(cfg["num_cluster"] >= 1, f"--num_cluster must be at least 1 (got {cfg['num_cluster']})")
-        need(cfg["margin"] >= 0, f"--margin must be >= 0 (got {cfg['margin']})")
-        need(cfg["mix_after"] >= 0, f"--mix_after must be >= 0 (got {cfg['mix_after']})")
-        if "mix_after" in cfg["explicit"]:
-            need(cfg["mix"], "--mix_after has no effect without --mix: add --mix or drop --mix_after")
-        if cfg["mix"]:
-            need(cfg["mix_after"] < cfg["Iteration"],
-                 f"--mix_after {cfg['mix_after']} >= --Iteration {cfg['Iteration']}: --mix would never switch")
+    sampler = cfg["sampler"]
+    need(cfg["num_cluster"] >= 1, f"--num_cluster must be at least 1 (got {cfg['num_cluster']})")
+    need(cfg["margin"] >= 0, f"--margin must be >= 0 (got {cfg['margin']})")
+    need(cfg["mix_after"] >= 0, f"--mix_after must be >= 0 (got {cfg['mix_after']})")
+    need(cfg["rep_partitions"] >= 1 and cfg["interval"] >= 1, "--rep_partitions and --interval must be at least 1")
+    need(cfg["candidates"] is None or cfg["candidates"] >= 1, "--candidates must be at least 1")
+    need(0 <= cfg["prune_hard"] < 1, f"--prune_hard must be in [0, 1) (got {cfg['prune_hard']})")
+    files = {"cluster_model", "cluster_path", "cluster_file"}
+    owners = {"cluster": files | {"layer_idx", "num_cluster", "norm", "margin", "cluster_weighting", "mix", "mix_after"},
+              "stratified": files | {"layer_idx", "num_cluster"},
+              "representative": files | {"layer_idx", "rep_embed", "rep_partitions", "candidates", "interval"},
+              "pruned": files | {"prune_hard"}}
+    stray = sorted(k for k in set().union(*owners.values()) - owners.get(sampler, set()) if k in cfg["explicit"])
+    need(not stray, f"--{', --'.join(stray)} do(es) not apply to --sampler {sampler}: drop it, or pick the sampler "
+                    f"it belongs to (see -h)")
+    if "mix_after" in cfg["explicit"]:
+        need(cfg["mix"], "--mix_after has no effect without --mix: add --mix or drop --mix_after")
+    if cfg["mix"]:
+        need(cfg["mix_after"] < cfg["Iteration"],
+             f"--mix_after {cfg['mix_after']} >= --Iteration {cfg['Iteration']}: --mix would never switch")
+    if cfg["run_name"] is not None:
+        from .rundir import RunDirError, check_run_name
+        try:
+            check_run_name(cfg["run_name"])
+        except RunDirError as e:
+            raise ConfigError(str(e)) from None
     if cfg["device"] not in ("auto", "cpu") and not str(cfg["device"]).startswith("cuda"):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg['device']!r})")
     if cfg["resume"] is None and cfg["save_path"]:
@@ -211,3 +267,38 @@ def _writable(path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+# settings saved under an older name: {old: new}
+RENAMED = {"compile_test": "compile"}
+
+
+def upgrade_config(saved: dict) -> dict:
+    """A run's saved config.json in today's terms: resume, tables, plots and the sweep read runs through it.
+
+    Runs made before the sampler registry carry ``batch_sampling`` (True: main_BS.py's
+    cluster sampler); a setting absent from a saved run did not exist yet, so the run
+    had its default.
+    """
+    cfg = dict(saved)
+    for old, new in RENAMED.items():
+        if old in cfg:
+            cfg.setdefault(new, cfg.pop(old))
+    if "outer_loop" not in cfg and "ipc" in cfg:   # runs before --outer_loop: DC's schedule
+        cfg["outer_loop"], cfg["inner_loop"] = get_loops(cfg["ipc"])
+    if "batch_sampling" in cfg:
+        cfg.setdefault("sampler", "cluster" if cfg.pop("batch_sampling") else "class")
+    method = cfg.get("method", DEFAULTS["method"])
+    for k, v in {**DEFAULTS, **METHOD_DEFAULTS.get(method, {})}.items():
+        cfg.setdefault(k, v)
+    return cfg
+
+
+def load_run_config(run_dir: str) -> dict | None:
+    """``run_dir/config.json`` upgraded to today's settings (``upgrade_config``); None when unreadable."""
+    import json
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            return upgrade_config(json.load(f))
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from networks import build_model
+from .fast_ops import build_model
 from .config import ConfigError
 from .augment import DiffAugment, ParamDiffAug, augment, get_daparam
 from .precision import upcast
@@ -73,10 +73,10 @@ def eval_settings_for(model_eval: str, dataset: str, model: str, ipc: int, dsa_s
     return EvalSettings(epochs, lr_net, batch_train, dsa_strategy, dc_aug, bool(compile_test))
 
 
-def build_eval_model(name, channel, num_classes, im_size, seed: int, *purpose):
-    """Model ``name`` with weights drawn from the derived seed (same init on every device)."""
+def build_eval_model(name, channel, num_classes, im_size, seed: int, *purpose, ops: str = "fast"):
+    """Model ``name`` with weights drawn from the derived seed (same init on every device), ``ops`` layers."""
     with seeded(seed, *purpose):
-        return build_model(name, channel, num_classes, im_size)
+        return build_model(name, channel, num_classes, im_size, ops=ops)
 
 
 def minibatches(images, labels, batch_size: int, generator: torch.Generator | None = None):
@@ -157,7 +157,7 @@ def embed_no_grad(net: nn.Module, x: torch.Tensor, compiled: bool = False) -> to
     inputs, so DM's fresh network of every iteration reuses the code compiled at the first (ad-hoc
     check: four new ConvNets, one graph). Measured on the 2-core AVX-512 EPYC (2 threads,
     FashionMNIST shape, one DM iteration at ipc 1, 7 interleaved rounds): 1.51 s eager, 1.30 s
-    compiled before the first block's pooling was folded in (``networks.conv_instance_norm_pool2x2``).
+    compiled before the first block's pooling was folded in (``dcbs.fast_ops.conv_instance_norm_pool2x2``).
     """
     global _compiled_embed
     with torch.no_grad():

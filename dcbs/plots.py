@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import load_run_config
 from .io import atomic_write
+from .samplers import method_label
 
 __all__ = ["PlotError", "RunData", "load_run", "load_runs", "run_label", "tensor_shapes", "weight_params",
            "moving_average", "grad_norm_figure", "grad_norm_lines_figure", "loss_figure", "plot_runs"]
@@ -58,8 +60,8 @@ class RunData:
 def run_label(config: dict) -> str:
     """``DC``, ``DSA``, ``DM`` or ``BS(DC) k=20 L3`` (``norm`` appended for size-constrained clusters)."""
     method = config.get("method", "?")
-    label = config.get("label") or (f"BS({method})" if config.get("batch_sampling") else method)
-    if config.get("batch_sampling") or label.startswith("BS("):
+    label = config.get("label") or method_label(method, config.get("sampler", "class"))
+    if config.get("sampler") == "cluster":
         k = config.get("cluster_k", config.get("num_cluster"))
         layer = config.get("cluster_layer", config.get("layer_idx"))
         norm = config.get("cluster_norm", config.get("norm"))
@@ -89,12 +91,9 @@ def load_run(path: str, exp: int = 0) -> RunData:
     if not os.path.isfile(diag):
         raise PlotError(f"{path} has no diagnostics.csv (not a run directory, or the run has not finished "
                         f"an iteration yet)")
-    cfg_path = os.path.join(path, "config.json")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PlotError(f"{cfg_path} cannot be read ({type(e).__name__}: {e}); it names the run's method") from None
+    config = load_run_config(path)
+    if config is None:
+        raise PlotError(f"{os.path.join(path, 'config.json')} cannot be read; it names the run's method")
     with open(diag, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or "loss" not in rows[0] or "it" not in rows[0]:

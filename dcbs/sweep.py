@@ -36,6 +36,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .config import load_run_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPCS = (1, 10, 50)
 BS_NORM_MARGIN = 50          # the paper's --norm clusters: sizes within n_c // k +- 50
@@ -74,8 +76,8 @@ class Cell:
     layer: int | None = None
 
     @property
-    def batch_sampling(self) -> bool:
-        return self.method == "BS"
+    def sampler(self) -> str:
+        return "cluster" if self.method == "BS" else "class"
 
 
 def select_cells(tables, ipcs=None, ks=None, layers=None, methods=None) -> dict[Cell, list[str]]:
@@ -139,7 +141,7 @@ def check_extra(extra) -> None:
 
 def run_name(cell: Cell, s: Settings) -> str:
     """``DC_CIFAR10_ipc1_cpu_s0``, ``BS-DC_k20_l3_norm_CIFAR10_ipc10_full_s0`` (+ ``_x<hash>`` with flags after --)."""
-    if cell.batch_sampling:
+    if cell.sampler == "cluster":
         m = f"BS-DC_k{cell.k}_l{cell.layer}_norm" + ("" if s.margin == BS_NORM_MARGIN else f"_m{s.margin}") \
             + ("" if s.cluster_model == DEFAULT_CLUSTER_MODEL else f"_{s.cluster_model}")
     else:
@@ -160,15 +162,15 @@ def _common_tail(s: Settings) -> list[str]:
 
 
 def condense_argv(cell: Cell, s: Settings, resume_dir: str | None = None) -> list[str]:
-    script = "main_BS.py" if cell.batch_sampling else "main.py"
+    script = "main_BS.py" if cell.sampler == "cluster" else "main.py"
     if resume_dir:
         return [script, "--resume", resume_dir] + _common_tail(s)
-    argv = [script, "--method", "DC" if cell.batch_sampling else cell.method, "--dataset", s.dataset,
+    argv = [script, "--method", "DC" if cell.sampler == "cluster" else cell.method, "--dataset", s.dataset,
             "--data_path", s.data_path, "--ipc", str(cell.ipc), "--save_path", s.save_path,
             "--run_name", run_name(cell, s), "--seed", str(s.seed)]
     if s.preset:
         argv += ["--preset", s.preset]
-    if cell.batch_sampling:
+    if cell.sampler == "cluster":
         argv += ["--num_cluster", str(cell.k), "--layer_idx", str(cell.layer), "--norm",
                  "--cluster_model", s.cluster_model, "--cluster_path", s.cluster_path]
         if s.margin != BS_NORM_MARGIN:
@@ -242,14 +244,12 @@ class Plan:
 
 def _check_existing_run(path: str, cell: Cell, s: Settings) -> None:
     """An existing run directory of this name must hold this cell's settings."""
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    cfg = load_run_config(path)
+    if cfg is None:
         return                    # no readable config: the run stopped at its very start
     want = {"dataset": s.dataset, "ipc": cell.ipc, "seed": s.seed, "preset": s.preset,
-            "method": "DC" if cell.batch_sampling else cell.method, "batch_sampling": cell.batch_sampling}
-    if cell.batch_sampling:
+            "method": "DC" if cell.sampler == "cluster" else cell.method, "sampler": cell.sampler}
+    if cell.sampler == "cluster":
         want.update(num_cluster=cell.k, layer_idx=cell.layer, norm=True, cluster_model=s.cluster_model,
                     margin=s.margin)
     diff = [f"{k}={cfg.get(k)!r} (cell: {v!r})" for k, v in want.items() if cfg.get(k) != v]
@@ -278,7 +278,7 @@ def make_plan(tables, s: Settings, ipcs=None, ks=None, layers=None, methods=None
     from .clusters import cluster_command
     check_extra(s.extra)
     cells = select_cells(tables, ipcs, ks, layers, methods)
-    pairs = sorted({(c.k, c.layer) for c in cells if c.batch_sampling}, key=lambda p: (p[1], p[0]))
+    pairs = sorted({(c.k, c.layer) for c in cells if c.sampler == "cluster"}, key=lambda p: (p[1], p[0]))
     for _, layer in pairs:
         try:
             check_layer(s.cluster_model, layer)
@@ -318,7 +318,7 @@ def make_plan(tables, s: Settings, ipcs=None, ks=None, layers=None, methods=None
         state = condense_state(path)
         if state != "new":
             _check_existing_run(path, cell, s)
-        cj = cluster_jobs.get((cell.k, cell.layer)) if cell.batch_sampling else None
+        cj = cluster_jobs.get((cell.k, cell.layer)) if cell.sampler == "cluster" else None
         jobs.append(Job(name=name, kind="condense", state=state, cell=cell, tables=ts, path=path,
                         argv=condense_argv(cell, s, resume_dir=path if state == "resume" else None),
                         deps=[cj.name] if cj is not None and cj.to_run else []))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import load_run_config
 from .sweep import IPCS, TABLE_TITLES, TABLES
 
 # Published accuracies (ConvNet, %, mean ± std of 100 models; std None where the source gives none).
@@ -79,15 +80,15 @@ class Run:
 
 def protocol_expectation(cfg: dict) -> dict:
     """The settings a run of this method and preset has under the published protocol."""
-    from .config import BS_DEFAULTS, DEFAULTS, METHOD_DEFAULTS, PRESETS
+    from .config import DEFAULTS, METHOD_DEFAULTS, PRESETS
     want = dict(DEFAULTS, **METHOD_DEFAULTS.get(cfg.get("method"), {}))
     if cfg.get("preset") in PRESETS:
         want.update({k: v for k, v in PRESETS[cfg["preset"]].items() if k != "dataset"})
     keys = ["model", "Iteration", "num_exp", "num_eval", "epoch_eval_train", "lr_img", "lr_net", "batch_real",
             "batch_train", "init", "dis_metric"]
     out = {k: want[k] for k in keys}
-    if cfg.get("batch_sampling"):
-        out.update({k: BS_DEFAULTS[k] for k in ("mix", "cluster_weighting")})
+    if cfg.get("sampler") == "cluster":
+        out.update({k: DEFAULTS[k] for k in ("mix", "cluster_weighting")})
     return out
 
 
@@ -96,7 +97,9 @@ def table_key(cfg: dict) -> tuple[tuple | None, str]:
         return None, "not a condensation run"
     if cfg.get("load_syn"):
         return None, "evaluation of a saved set"
-    if cfg.get("batch_sampling"):
+    if cfg.get("sampler", "class") not in ("class", "cluster"):
+        return None, f"--sampler {cfg['sampler']} is in no table (see results/samplers.md)"
+    if cfg.get("sampler") == "cluster":
         if cfg["method"] != "DC":
             return None, f"BS({cfg['method']}) is in no table"
         if not cfg.get("norm"):
@@ -117,10 +120,8 @@ def last_accuracies(acc: dict, arch: str) -> tuple[int | None, list]:
 
 
 def read_run(path: str) -> Run | None:
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    cfg = load_run_config(path)
+    if cfg is None:
         return None
     run = Run(path=path, config=cfg, done=os.path.exists(os.path.join(path, "DONE")))
     run.key, run.why_not = table_key(cfg)
@@ -275,7 +276,7 @@ def render(runs: list[Run], save_paths, datasets=None) -> str:
         lines += ["## Unfinished runs (not averaged)", "",
                   "| run | ipc | preset | last evaluated iteration | continue with |", "|---|---|---|---|---|"]
         for r in unfinished:
-            script = "main_BS.py" if r.config.get("batch_sampling") else "main.py"
+            script = r.config.get("script", "main.py")
             how = (f"`python {script} --resume {r.path}`" if os.path.exists(os.path.join(r.path, "checkpoint.pt"))
                    else "rerun (no checkpoint yet)")
             lines.append(f"| `{r.name}` | {r.config.get('ipc')} | {r.config.get('preset') or 'none'} | "

@@ -211,7 +211,7 @@ def test_run_records_the_cluster_file_and_uses_the_reference_names(bs_run, clust
     assert cfg["cluster_file"] == os.path.abspath(path)
     assert cfg["cluster_file_sha256"] == file_sha256(path)
     assert (cfg["cluster_k"], cfg["cluster_layer"], cfg["cluster_norm"]) == (10, 2, False)
-    assert cfg["label"] == "BS(DC)" and cfg["script"] == "main_BS.py" and cfg["batch_sampling"] is True
+    assert cfg["label"] == "BS(DC)" and cfg["script"] == "main_BS.py" and cfg["sampler"] == "cluster"
     assert (cfg["mix"], cfg["mix_after"], cfg["cluster_weighting"]) == (True, 1, "uniform")
     assert os.path.isfile(os.path.join(bs_run, "res_BSDC_digits_ConvNet_1ipc.pt"))
     assert not os.path.exists(os.path.join(bs_run, "res_DC_digits_ConvNet_1ipc.pt"))
@@ -242,7 +242,7 @@ def test_diagnostics_rows_gradient_columns_and_cluster_sized_batches(bs_run, dig
 def _refused(capsys, tmp_path, *argv):
     from dcbs.cli import main
     save = tmp_path / "out"
-    rc = main(["--preset", "smoke", "--save_path", str(save), *map(str, argv)], batch_sampling=True)
+    rc = main(["--preset", "smoke", "--save_path", str(save), *map(str, argv)], default_sampler="cluster")
     err = capsys.readouterr().err
     assert rc == 2
     assert not save.exists() or not os.listdir(save)          # refused before any run directory

@@ -65,11 +65,11 @@ def _python_commands(text: str) -> list[list[str]]:
 
 
 # --------------------------------------------------------------------------- the scripts' parsers
-def _parse_main(argv, batch_sampling):
+def _parse_main(argv, default_sampler):
     from dcbs.config import ConfigError, build_parser, resolve
-    ns = build_parser(batch_sampling).parse_args(argv)
+    ns = build_parser(default_sampler).parse_args(argv)
     try:
-        resolve(ns, batch_sampling)
+        resolve(ns, default_sampler)
     except ConfigError as e:
         raise AssertionError(f"refused by the configuration: {e}") from None
 
@@ -99,8 +99,8 @@ def _parse_reproduce(argv):
         reproduce.build_figures_parser().parse_args(argv[1:])
     else:
         reproduce.check_args(reproduce.build_parser().parse_args(argv))
-        for batch_sampling in (False, True):           # flags after '--' go to main.py and main_BS.py runs
-            build_parser(batch_sampling).parse_args(extra)
+        for default_sampler in ("class", "cluster"):           # flags after '--' go to main.py and main_BS.py runs
+            build_parser(default_sampler).parse_args(extra)
 
 
 def _benchmark(name):
@@ -139,8 +139,8 @@ def _parse_with_main(name):
 
 
 PARSERS = {
-    "main.py": lambda argv: _parse_main(argv, False),
-    "main_BS.py": lambda argv: _parse_main(argv, True),
+    "main.py": lambda argv: _parse_main(argv, "class"),
+    "main_BS.py": lambda argv: _parse_main(argv, "cluster"),
     "main_cluster.py": _parse_cluster,
     "reproduce.py": _parse_reproduce,
     "plot_runs.py": _parse_plot_runs,

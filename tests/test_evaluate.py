@@ -5,7 +5,7 @@ import dcbs.evaluate as ev
 from dcbs.config import ConfigError
 from dcbs.evaluate import EvalSettings, eval_settings_for, evaluate_synset, get_eval_pool, train_and_test
 from conftest import needs_cxx
-from networks import build_model
+from dcbs.fast_ops import build_model
 
 
 def test_learning_rate_drops_tenfold_after_half_the_epochs(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 if {tune}:
     from dcbs.perf import tune_allocator
     assert tune_allocator()
-from networks import build_model
+from dcbs.fast_ops import build_model
 net = build_model("ConvNet", 1, 10, (28, 28))
 x = torch.randn(96, 1, 28, 28)            # block-1 activations of 50 MB, above glibc's mmap threshold
 def use():

@@ -13,9 +13,9 @@ from dcbs import precision
 from dcbs.augment import ParamDiffAug
 from dcbs.condense import Diagnostics, train_on_synthetic
 from dcbs.config import ConfigError, build_parser, resolve
+from dcbs.fast_ops import build_model, conv_instance_norm
 from dcbs.kernels import loop_kernel, per_class_grads
 from dcbs.samplers import ClassSampler
-from networks import build_model, conv_instance_norm
 
 BF16 = precision.autocast("cpu", "bf16")
 
@@ -72,7 +72,7 @@ def test_check_refuses_a_gpu_without_bf16_and_warns_on_an_emulating_cpu(monkeypa
 @pytest.mark.parametrize("layers", ["fast", "plain"])
 def test_bf16_real_gradient_is_within_bf16_tolerance_of_fp32(digits, layers):
     torch.manual_seed(0)
-    net = build_model("ConvNet", digits.channel, digits.num_classes, digits.im_size, layers=layers)
+    net = build_model("ConvNet", digits.channel, digits.num_classes, digits.im_size, ops=layers)
     params = list(net.parameters())
     dtypes = conv_output_dtypes(net)
     for x, y in digit_batches(digits)[:3]:
@@ -212,6 +212,6 @@ def test_resume_compares_a_setting_the_run_predates_with_its_default(monkeypatch
     del saved["precision"]
     fake = SimpleNamespace(read_config=lambda: dict(saved))
     monkeypatch.setattr(cli.RunDir, "open_for_resume", staticmethod(lambda path: fake))
-    cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--precision", "fp32"]), False)
+    cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--precision", "fp32"]), "class")
     with pytest.raises(cli.ConfigError, match="--precision 'bf16' \\(run has 'fp32'\\)"):
-        cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--precision", "bf16"]), False)
+        cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--precision", "bf16"]), "class")

@@ -49,13 +49,13 @@ def test_each_table_expands_to_its_cells_and_clustering_jobs(with_extractor, tab
     assert set(got) == {Cell(m, ipc, k, l) for m, k, l in cells for ipc in (1, 10, 50)}
     assert {j.name for j in kinds(plan, "cluster")} == {f"class_idx_cifar10_k{k}_{l}_True.pt" for k, l in clusters}
     n_bs = sum(c[0] == "BS" for c in cells)
-    assert sum(j.cell.batch_sampling for j in kinds(plan, "condense")) == 3 * n_bs   # 3 / 15 / 12
+    assert sum(j.cell.sampler == "cluster" for j in kinds(plan, "condense")) == 3 * n_bs   # 3 / 15 / 12
     # clustering first: every Batch Sampling cell waits for its own clustering job, in a later wave
     waves = plan.waves
     assert [j.kind for j in waves[0]] == ["cluster"] * len(clusters)
     assert all(j.kind == "condense" for j in waves[1]) and len(waves) == 2
     for j in kinds(plan, "condense"):
-        if j.cell.batch_sampling:
+        if j.cell.sampler == "cluster":
             assert j.deps == [f"class_idx_cifar10_k{j.cell.k}_{j.cell.layer}_True.pt"]
             assert j.argv[:1] == ["main_BS.py"] and "--norm" in j.argv
             assert j.argv[j.argv.index("--num_cluster") + 1] == str(j.cell.k)

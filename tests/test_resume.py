@@ -110,11 +110,11 @@ def test_truncated_or_foreign_checkpoint_is_refused_and_nothing_touched(tmp_path
     p.wait()
     ckpt = tmp_path / "t" / "checkpoint.pt"
     ckpt.write_bytes(content)
-    before = {f: os.path.getmtime(tmp_path / "t" / f) for f in os.listdir(tmp_path / "t")}
+    before = {f: os.path.getmtime(tmp_path / "t" / f) for f in os.listdir(tmp_path / "t") if f != ".lock"}
     r = run_cli("main.py", "--resume", tmp_path / "t")
     assert r.returncode == 2
     assert str(ckpt) in r.stderr and "cannot be read" in r.stderr and "Traceback" not in r.stderr
-    assert {f: os.path.getmtime(tmp_path / "t" / f) for f in os.listdir(tmp_path / "t")} == before
+    assert {f: os.path.getmtime(tmp_path / "t" / f) for f in os.listdir(tmp_path / "t") if f != ".lock"} == before
 
 
 def test_finished_run_is_not_resumed(tmp_path):
@@ -167,8 +167,8 @@ def test_compile_may_be_switched_on_and_off_on_resume(monkeypatch):
         monkeypatch.setattr(cli.RunDir, "open_for_resume", staticmethod(lambda path: fake))
         for flags, expected in (([], True), (["--no-compile"], False), (["--no-compile_test"], False),
                                 (["--compile_test"], True)):
-            _, cfg = cli.resume_config(build_parser().parse_args(["--resume", "somewhere", *flags]), False)
+            _, cfg = cli.resume_config(build_parser().parse_args(["--resume", "somewhere", *flags]), "class")
             assert cfg["compile"] is expected and "compile_test" not in cfg, flags
     with pytest.raises(cli.ConfigError, match="--ipc 3"):  # a setting that changes the result is still refused
         cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--no-compile_test", "--ipc", "3"]),
-                          False)
+                          "class")

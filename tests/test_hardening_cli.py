@@ -1,0 +1,73 @@
+"""Bad input at the command line: one clear error line, no run directory, nothing half-written."""
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+
+def _error(r):
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--epoch_eval_train", 0], ["--epoch_eval_train must be at least 1", "untrained"]),
+    (["--lr_img", "inf"], ["--lr_img must be a positive finite number"]),
+    (["--lr_net", "nan"], ["--lr_net must be a positive finite number"]),
+    (["--eval_it", -1], ["--eval_it [-1]", "count from 0"]),
+    (["--outer_loop", 0], ["--outer_loop must be at least 1"]),
+    (["--run_name", "../escaped"], ["--run_name"]),
+])
+def test_bad_values_are_refused_up_front(tmp_path, flags, words):
+    line = _error(run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path / "out", *flags))
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escaped").exists()
+
+
+def _saved_set(tmp_path, images, labels):
+    path = tmp_path / "syn.pt"
+    torch.save({"data": [[images, labels]], "dataset": "digits", "normalized": True}, path)
+    return path
+
+
+@pytest.mark.parametrize("what", ["nan", "inf", "labels"])
+def test_a_broken_synthetic_set_is_refused_before_any_run_directory(tmp_path, what):
+    x, y = torch.zeros(10, 1, 28, 28), torch.arange(10)
+    if what == "nan":
+        x[3, 0, 5, 5] = float("nan")
+    elif what == "inf":
+        x[0] = float("inf")
+    else:
+        y[4] = 12
+    line = _error(run_cli("main.py", "--load_syn", _saved_set(tmp_path, x, y), "--save_path", tmp_path / "out"))
+    assert "syn.pt" in line and ("non-finite" in line or "label" in line), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoke_preset_is_short_at_ipc_10_and_says_so(tmp_path):
+    r = run_cli("main.py", "--preset", "smoke", "--ipc", 10, "--save_path", tmp_path, "--run_name", "s",
+                "--eval_it", 2, "--num_threads", 1)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "s" / "log.txt").read_text()
+    assert "outer_loop 1, inner_loop 1" in log and "REDUCED" in log
+
+
+def test_a_run_resumed_by_the_other_script_names_the_right_one(tmp_path):
+    r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "dc", "--Iteration", 1,
+                "--eval_it", 1)
+    assert r.returncode == 0, r.stderr
+    os.remove(tmp_path / "dc" / "DONE")
+    line = _error(run_cli("main_BS.py", "--resume", tmp_path / "dc"))
+    assert "main.py (--sampler class) made this run" in line and f"python main.py --resume {tmp_path / 'dc'}" in line
+
+
+def test_help_says_each_default_once():
+    for script in ("main.py", "main_BS.py", "main_cluster.py"):
+        r = run_cli(script, "-h")
+        assert r.returncode == 0
+        text = " ".join(r.stdout.split())
+        assert "(default: None)" not in text
+        assert "default 20) (default: 20)" not in text and "(default 20 (default" not in text
