@@ -1,11 +1,11 @@
-"""Batch Sampling, step 1 (seed paper 3.1, 3.4.1): per-class clusters of extractor features.
+"""Batch Sampling, step 1 (the paper, 3.1 and 3.4.1): per-class clusters of extractor features.
 
     python main_cluster.py --dataset CIFAR10 --layer_idx 3 --num_cluster 20 [--norm]
 
 1. loads the training set (no augmentation) and checks the settings against it;
 2. loads the feature extractor ``<cluster_path>/<model>_<dataset>.pt`` (or
-   ``--extractor PATH``, e.g. the seed's ``resnet18_cifar.pt``), or trains it
-   first with ``--train_extractor`` (``--pretrained imagenet`` for the seed's
+   ``--extractor PATH``, e.g. the paper's ``resnet18_cifar.pt``), or trains it
+   first with ``--train_extractor`` (``--pretrained imagenet`` for the paper's
    ImageNet-initialised ResNet18BN; ``--resume`` continues an interrupted training);
 3. maps every training image to the global-average-pooled output of stage
    ``--layer_idx`` and clusters each class with K-Means, or with
@@ -188,8 +188,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
         raise ex.ExtractorError(
             f"extractor checkpoint {ext_path} not found{hint}. Train it with: {fix} --train_extractor"
             f"{' --pretrained imagenet' if args.model == 'ResNet18BN' else ''} "
-            f"(or pass --extractor PATH to an existing checkpoint, e.g. the seed's resnet18_cifar.pt"
-            f"{'; --model ResNet18BN --pretrained imagenet starts from ImageNet weights as the seed did' if args.model == 'ResNet18' else ''})")
+            f"(or pass --extractor PATH to an existing checkpoint, e.g. the paper's resnet18_cifar.pt"
+            f"{'; --model ResNet18BN --pretrained imagenet starts from ImageNet weights as the paper did' if args.model == 'ResNet18' else ''})")
     if train and os.path.isfile(ext_path) and not args.overwrite:
         raise ex.ExtractorError(f"extractor checkpoint {ext_path} already exists; drop --train_extractor to use "
                                 f"it, or add --overwrite to retrain over it")

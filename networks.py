@@ -2,7 +2,7 @@
 
 Every model's ``forward`` returns ``(logits, features)``, where ``features`` is
 the list of intermediate block outputs (ConvNet: one per block; ResNet18: the
-four stage outputs, index 0-3), as the seed paper's listings use them.
+four stage outputs, index 0-3), as the paper's listings use them.
 ``embed(x)`` returns the flattened pre-classifier features that DM matches.
 
 Models are built by name through ``MODELS`` / ``build_model``; the names are
@@ -192,7 +192,7 @@ class ResNet18(nn.Module):
     """CIFAR-style ResNet18: 3x3 stem at stride 1, no max-pool, four stages.
 
     ``features`` are the four stage outputs (64, 128, 256, 512 channels), which the
-    seed paper clusters (``layer_idx`` 0-3). Attribute names follow torchvision's
+    paper clusters (``layer_idx`` 0-3). Attribute names follow torchvision's
     resnet18 (conv1/bn1/layer1..4/fc) so ImageNet weights map onto it.
     """
 

@@ -1,8 +1,8 @@
-"""The names the seed paper's listings call, in one place.
+"""The names the paper's listings call, in one place.
 
 Each concern lives in its own module of the ``dcbs`` package; this file
 re-exports them under the reference code's names so that code written against
-the public DC/DSA/DM ``utils.py`` (and the seed's listings) keeps working:
+the public DC/DSA/DM ``utils.py`` (and the paper's listings) keeps working:
 
     datasets ............ dcbs/data.py       get_dataset, load_data, data_fingerprint, denormalize
     networks ............ networks.py        get_network
@@ -39,7 +39,7 @@ def get_network(model, channel, num_classes, im_size=(32, 32)):
 
 
 def get_images(images_all, indices_class, c, n, generator=None):
-    """``n`` random images of class ``c`` (the seed's ``get_images``)."""
+    """``n`` random images of class ``c`` (the paper's ``get_images``)."""
     ix = torch.as_tensor(indices_class[c])
     pick = ix[torch.randperm(len(ix), generator=generator)[:n]]
     return images_all[pick.to(images_all.device)]

@@ -1,6 +1,6 @@
 """Per-class clusters of the training set: K-Means on extractor features, the cluster file.
 
-Section 3.1 / 3.4.1 of the seed paper: every training image of a class is mapped
+Section 3.1 / 3.4.1 of the paper: every training image of a class is mapped
 to a feature vector (a global-average-pooled stage output of a trained
 extractor) and the class is split into ``k`` clusters, with ``KMeans`` or, with
 ``norm``, with ``KMeansConstrained`` whose cluster sizes stay within
@@ -40,7 +40,7 @@ __all__ = ["ClusterFileError", "ClusterConfigError", "FORMAT", "DEFAULT_MODEL", 
 
 FORMAT = "dcbs.clusters/1"
 DEFAULT_MODEL = "ResNet18"
-DEFAULT_MARGIN = 50          # the seed's KMeansConstrained bounds: n_c // k +- 50
+DEFAULT_MARGIN = 50          # the paper's KMeansConstrained bounds: n_c // k +- 50
 KMEANS_N_INIT = 5
 KMEANS_MAX_ITER = 300
 
@@ -69,7 +69,7 @@ def default_extractor_stem(model: str, dataset: str) -> str:
 
 def cluster_file_name(dataset: str, k: int, layer_idx: int, norm: bool, model: str = DEFAULT_MODEL,
                       margin: int = DEFAULT_MARGIN, extractor: str | None = None) -> str:
-    """The seed's ``class_idx_<dataset>_k<k>_<layer>_<True|False>.pt``, with suffixes for non-defaults.
+    """The paper's ``class_idx_<dataset>_k<k>_<layer>_<True|False>.pt``, with suffixes for non-defaults.
 
     Suffixes (in this order, before ``.pt``): ``_<model>`` when the model is not
     ResNet18; ``_m<margin>`` when ``norm`` and the margin is not 50 (without
@@ -120,7 +120,7 @@ def _fail(msg: str, fix_command: str | None):
 # size bounds
 # --------------------------------------------------------------------------- #
 def size_bounds(n: int, k: int, margin: int) -> tuple[int, int]:
-    """The seed's KMeansConstrained bounds for a class of ``n`` images: ``n // k -+ margin``."""
+    """The paper's KMeansConstrained bounds for a class of ``n`` images: ``n // k -+ margin``."""
     base = int(n) // int(k)
     return base - int(margin), base + int(margin)
 
@@ -338,7 +338,7 @@ def load_clusters(path: str, data=None, expect: dict | None = None, fix_command:
     if not isinstance(obj, dict) or "clusters" not in obj or "meta" not in obj:
         kind = type(obj).__name__
         _fail(f"cluster file {path} is not a dcbs cluster file (a {kind} without 'clusters' and 'meta'; "
-              f"files of the seed's script carry no metadata and cannot be checked against the data)",
+              f"files of the paper's script carry no metadata and cannot be checked against the data)",
               fix_command)
     clusters, meta = obj["clusters"], obj["meta"]
     if not isinstance(meta, dict):
@@ -394,7 +394,7 @@ def load_clusters(path: str, data=None, expect: dict | None = None, fix_command:
 
 
 # --------------------------------------------------------------------------- #
-# views (Figure 2 of the seed paper)
+# views (Figure 2 of the paper)
 # --------------------------------------------------------------------------- #
 def save_cluster_grid(path: str, images: torch.Tensor, clusters_c, per_row: int, mean, std, seed: int,
                       tag: str = "") -> None:

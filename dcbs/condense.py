@@ -94,7 +94,7 @@ class Diagnostics:
     Columns: loss (the reference's loss_avg: summed loss / (classes x outer steps)),
     real batch size mean/min over classes, and for gradient matching the L2 norm of
     the real and synthetic gradient of every named parameter tensor, averaged over
-    classes and outer steps (the seed's gw_real_sums / gw_syn_sums).
+    classes and outer steps (the paper's gw_real_sums / gw_syn_sums).
     """
 
     def __init__(self, param_names=None):
@@ -449,7 +449,7 @@ class Condenser:
                 self._stop(exp, it + 1, image_syn, label_syn, opt_img, sampler, config)
             if (it + 1) % c.ckpt_every == 0 and (it + 1) not in eval_its:
                 self._checkpoint(exp, it + 1, image_syn, label_syn, opt_img, sampler, config)
-        log.info("%s exp %d done: condensation %.1f s, evaluation %.1f s (this session)", self.label, exp,
+        log.info("%s exp %d done: condensation %.1f s, evaluation %.1f s (this process)", self.label, exp,
                  t_cond, t_eval)
         self.data_save.append([image_syn.detach().cpu(), label_syn.cpu()])
         self.run.save(self._syn_file(image_syn, label_syn, exp, c.Iteration), f"syn_exp{exp}.pt")

@@ -1,6 +1,6 @@
 """Training a network on a (synthetic) set and testing it: the evaluation protocol.
 
-``evaluate_synset`` keeps the seed's meaning (one model): SGD lr ``lr_net``,
+``evaluate_synset`` keeps the paper's meaning (one model): SGD lr ``lr_net``,
 momentum 0.9, weight decay 5e-4, batch ``batch_train``, ``epoch_eval_train``
 epochs (+1, as the reference runs Epoch+1 epochs), learning rate x0.1 once half
 the epochs are done with a fresh optimizer (the momentum restarts, as in the
@@ -240,7 +240,7 @@ def train_and_test(net, images_train, labels_train, images_test, labels_test, se
 
 
 def evaluate_synset(it_eval, net, images_train, labels_train, testloader, args, generator=None):
-    """The seed's ``evaluate_synset``: train ``net`` on the set, return (net, acc_train, acc_test).
+    """The paper's ``evaluate_synset``: train ``net`` on the set, return (net, acc_train, acc_test).
 
     ``testloader`` may be a DataLoader or an (images, labels) pair. ``args`` needs
     lr_net, batch_train, epoch_eval_train and optionally dsa_strategy / dc_aug_param /

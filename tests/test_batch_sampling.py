@@ -152,7 +152,7 @@ def test_cluster_smaller_than_n_gives_all_its_images(digits):
 def test_mix_switches_to_whole_class_batches_after_mix_after(digits):
     clusters = chunks(digits, 10)
     s = ClusterSampler(clusters, seed=4, mix_after=5)
-    for it in range(0, 6):                       # the seed's `it > 300`: mix_after itself still clusters
+    for it in range(0, 6):                       # the paper's `it > 300`: mix_after itself still clusters
         for c in range(digits.num_classes):
             assert len(which_cluster(s.sample(c, 30, it), clusters[c])) == 1
     for it in range(6, 10):

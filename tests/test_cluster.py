@@ -36,7 +36,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def bare_ckpt(tmp_path_factory, digits):
-    """A bare state_dict (like the seed's resnet18_cifar.pt) of an untrained tiny extractor."""
+    """A bare state_dict (like the paper's resnet18_cifar.pt) of an untrained tiny extractor."""
     path = tmp_path_factory.mktemp("ext") / "tiny.pt"
     net = ex.build_extractor(TINY, digits.channel, digits.num_classes, digits.im_size, seed=3)
     torch.save(net.state_dict(), path)
@@ -134,7 +134,7 @@ def test_infeasible_settings_message_says_which_values_work():
         cl.check_feasible([124, 127, 122], 4, True, -1)
     with pytest.raises(cl.ClusterConfigError, match="--num_cluster 3 or less"):
         cl.check_feasible([3, 10], k=4, norm=False, margin=0)
-    cl.check_feasible([5000] * 10, 20, True, 50)   # the seed's CIFAR10 setting
+    cl.check_feasible([5000] * 10, 20, True, 50)   # the paper's CIFAR10 setting
 
 
 def test_cluster_file_name_matches_the_seed_and_never_collides():
@@ -150,8 +150,8 @@ def test_cluster_file_name_matches_the_seed_and_never_collides():
 
 
 def test_cluster_command_round_trips_through_the_parser():
-    cmd = cl.cluster_command("CIFAR10", "../shared/data/cifar10", 20, 3, True)
-    assert cmd == ("python main_cluster.py --dataset CIFAR10 --data_path ../shared/data/cifar10 "
+    cmd = cl.cluster_command("CIFAR10", "/data/cifar10", 20, 3, True)
+    assert cmd == ("python main_cluster.py --dataset CIFAR10 --data_path /data/cifar10 "
                    "--layer_idx 3 --num_cluster 20 --norm")
     cmd = cl.cluster_command("CIFAR100", "my data", 10, 1, True, model="ConvNet", margin=30)
     a = mc.build_parser().parse_args(shlex.split(cmd)[2:])
@@ -243,7 +243,7 @@ def test_broken_or_foreign_files_are_refused(tmp_path, made):
     with pytest.raises(cl.ClusterFileError, match="trunc.pt"):
         cl.load_clusters(str(trunc))
     legacy = tmp_path / "legacy.pt"
-    torch.save(good["clusters"], legacy)                   # the seed's format: no meta
+    torch.save(good["clusters"], legacy)                   # the paper's format: no meta
     with pytest.raises(cl.ClusterFileError, match="not a dcbs cluster file"):
         cl.load_clusters(str(legacy))
     unsorted = tmp_path / "unsorted.pt"

@@ -28,7 +28,7 @@ def test_fitted_bounds_are_the_requested_ones_when_they_fit_else_the_nearest_tha
                 lo, hi = cl.fitted_size_bounds(n, k, margin)
                 assert 1 <= lo and k * lo <= n <= k * hi, (n, k, margin, lo, hi)
                 want_lo, want_hi = cl.size_bounds(n, k, margin)
-                if want_lo >= 1 and k * want_hi >= n:           # the seed's bounds work: kept as they are
+                if want_lo >= 1 and k * want_hi >= n:           # the paper's bounds work: kept as they are
                     assert (lo, hi) == (want_lo, want_hi)
                     continue
                 fits = [m for m in range(margin + 1) if base - m >= 1 and k * (base + m) >= n]
@@ -46,7 +46,7 @@ def test_margin_50_on_digits_sized_classes_is_clamped_per_class_and_said(digits)
     notes = cl.margin_notes(counts, 20, True, 50, digits.class_names)
     assert len(notes) == 1 and "--margin 50" in notes[0] and "10 of 10 classes" in notes[0] \
         and "1..11" in notes[0]
-    assert cl.margin_notes([5000] * 10, 20, True, 50) == []     # the seed's CIFAR10 setting: untouched
+    assert cl.margin_notes([5000] * 10, 20, True, 50) == []     # the paper's CIFAR10 setting: untouched
     assert cl.margin_notes(counts, 20, False, 50) == []         # without --norm there are no bounds
     feats = digits.images_train.flatten(1)
     logged = []

@@ -146,7 +146,6 @@ PARSERS = {
     "plot_runs.py": _parse_plot_runs,
     "benchmarks/bench_speed.py": lambda argv: _bench_speed().build_parser().parse_args(argv),
     "benchmarks/bench_reference.py": _parse_with_main("bench_reference"),
-    "benchmarks/bench_ops.py": _parse_with_main("bench_ops"),
     "benchmarks/bench_eval.py": _parse_with_main("bench_eval"),
 }
 

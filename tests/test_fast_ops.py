@@ -1,4 +1,4 @@
-"""The fast layers (``--ops fast``, the default) compute what torch's own layers compute (issue 6)."""
+"""The fast layers (``--ops fast``, the default) compute what torch's own layers compute."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""The batched gradient-matching kernel computes what the per-class loop computes (issue 6)."""
+"""The batched gradient-matching kernel computes what the per-class loop computes."""
 import copy
 import dataclasses
 import json

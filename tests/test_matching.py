@@ -8,7 +8,7 @@ from dcbs.matching import distance_wb, get_loops, match_loss
 
 
 def hand_ours(gw_syn, gw_real):
-    """The seed's eq. (1) computed with plain Python loops over output units."""
+    """The paper's eq. (1) computed with plain Python loops over output units."""
     total = 0.0
     for s, r in zip(gw_syn, gw_real):
         if s.dim() == 1:

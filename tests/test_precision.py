@@ -1,4 +1,4 @@
-"""--precision bf16 (issue 6): opt-in, confined to the real-data gradients and the inner loop, and
+"""--precision bf16: opt-in, confined to the real-data gradients and the inner loop, and
 within a bf16 tolerance of fp32 where it applies."""
 import contextlib
 import copy

@@ -1,4 +1,4 @@
-"""Long runs that survive: kill/resume equality, clean interruption, guarded inputs (issue 5)."""
+"""Long runs that survive: kill/resume equality, clean interruption, guarded inputs."""
 import csv
 import json
 import os
