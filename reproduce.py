@@ -22,7 +22,7 @@ import time
 from dcbs import sweep
 from dcbs.sweep import SweepError
 
-WHAT = ["table1", "table2", "table3", "all"]
+WHAT = ["table1", "table2", "table3", "all", "samplers"]
 SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_cpus_per_task", "slurm_mem_gb",
                "slurm_array_parallelism", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_setup")
 
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "main.py / main_BS.py run.")
     a = p.add_argument
     a("what", choices=WHAT, help="table1: DC, DSA, BS(DC) k=20 layer 3; table2: BS k 5-25 layer 2 + DC; "
-                                 "table3: BS layer 0-3 k=20 + DC; all: the three (also: 'aggregate' and 'figures', "
-                                 "each with its own -h)")
+                                 "table3: BS layer 0-3 k=20 + DC; all: the three; samplers: DC with every real-batch "
+                                 "sampler (class, cluster, stratified, representative, pruned; results/samplers.md) "
+                                 "(also: 'aggregate', 'figures' and 'demo', each with its own -h)")
     a("--dataset", choices=list(DATASETS), default=None,
       help="dataset (default CIFAR10, or the preset's own dataset: digits for demo and smoke)")
     a("--data_path", default="data", help="torchvision root or ImageFolder tree, passed to every run")
@@ -56,11 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="size margin of the --norm clusters (the paper's 50; small datasets such as digits need less)")
     a("--preset", default="none", choices=list(PRESETS) + ["none"],
       help="reduced protocol passed to every run; none = the published protocol")
-    a("--seed", type=int, default=0, help="--seed of every condensation run (clusters: main_cluster.py's seed 0)")
+    a("--seed", type=int, nargs="+", default=[0], help="--seed of the condensation runs, one run per seed and cell "
+                                                        "(clusters: main_cluster.py's seed 0)")
     a("--ipc", type=int, nargs="+", help="only these ipc (of 1 10 50)")
     a("--k", type=int, nargs="+", help="only Batch Sampling cells with these k")
     a("--layers", type=int, nargs="+", help="only Batch Sampling cells with these feature layers")
-    a("--methods", nargs="+", choices=["DC", "DSA", "BS"], help="only these methods (BS = BS(DC))")
+    a("--methods", nargs="+", choices=["DC", "DSA", "BS", "STRAT", "DREAM", "PRUNE"],
+      help="only these methods (BS = BS(DC); STRAT, DREAM, PRUNE: the samplers grid)")
     a("--num_threads", type=int, help="--num_threads of every condensation run")
     a("--device", help="--device of every run (auto, cpu, cuda, cuda:N)")
     a("--train_extractor", action="store_true",
@@ -135,6 +138,32 @@ def run_figures(argv) -> int:
     return 0
 
 
+def build_demo_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="reproduce.py demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="The whole method on scikit-learn's digits in a few minutes on a CPU: main_cluster.py "
+                            "(a small ConvNet extractor, k clusters per class, Figure 2 view), main.py (DC) and "
+                            "main_BS.py (BS(DC)) under the same reduced protocol, plot_runs.py (gradient norms per "
+                            "layer), then the table. The same command again reuses what is finished.")
+    p.add_argument("--save_path", default=os.path.join("results", "demo"), help="the demo's folder")
+    p.add_argument("--num_cluster", type=int, default=5, help="k, clusters per class (digits: about 125 per class)")
+    p.add_argument("--seed", type=int, default=0, help="--seed of every step")
+    p.add_argument("--num_threads", type=int, default=1, help="torch threads of each process (two run at once)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="--device of every step")
+    p.add_argument("--smoke", action="store_true", help="seconds instead of minutes: --preset smoke and a "
+                                                        "two-step extractor (a test of the pipeline, not a result)")
+    return p
+
+
+def run_demo(argv) -> int:
+    from dcbs.demo import DemoError, DemoSettings, run_demo as demo
+    args = build_demo_parser().parse_args(argv)
+    try:
+        return demo(DemoSettings(**vars(args)))
+    except DemoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def slurm_parameters(args) -> dict:
     """The submitit SlurmExecutor parameters of every job of this sweep (nothing is submitted)."""
     given = {k: getattr(args, f"slurm_{k}") for k in ("partition", "time", "gpus_per_node", "cpus_per_task",
@@ -153,7 +182,7 @@ def settings_from_args(args, extra) -> sweep.Settings:
     dataset = args.dataset or (PRESETS[preset].get("dataset") if preset else None) or "CIFAR10"
     return sweep.Settings(dataset=dataset, data_path=args.data_path, save_path=args.save_path,
                           cluster_path=args.cluster_path, cluster_model=args.cluster_model, margin=args.margin, preset=preset,
-                          seed=args.seed, num_threads=args.num_threads, device=args.device, extra=tuple(extra),
+                          seed=args.seed[0], num_threads=args.num_threads, device=args.device, extra=tuple(extra),
                           cluster_args=tuple(shlex.split(args.cluster_args)), train_extractor=args.train_extractor,
                           extractor_args=tuple(shlex.split(args.extractor_args)))
 
@@ -184,8 +213,8 @@ def run_sweep(argv, extra) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     s = settings_from_args(args, extra)
-    tables = list(sweep.TABLES) if args.what == "all" else [args.what]
-    plan = sweep.make_plan(tables, s, args.ipc, args.k, args.layers, args.methods)
+    tables = list(sweep.PAPER_TABLES) if args.what == "all" else [args.what]
+    plan = sweep.make_plan(tables, s, args.ipc, args.k, args.layers, args.methods, seeds=args.seed)
     for line in sweep.describe(plan):
         print(line)
     params = slurm_parameters(args) if args.executor == "slurm" else None
@@ -250,6 +279,10 @@ def main(argv=None) -> int:
             if extra:
                 raise SweepError("aggregate takes no flags after '--'")
             return run_aggregate(argv[1:])
+        if argv[:1] == ["demo"]:
+            if extra:
+                raise SweepError("demo takes no flags after '--'")
+            return run_demo(argv[1:])
         if argv[:1] == ["figures"]:
             if extra:
                 raise SweepError("figures takes no flags after '--'")

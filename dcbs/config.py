@@ -289,7 +289,8 @@ def upgrade_config(saved: dict) -> dict:
     if "batch_sampling" in cfg:
         cfg.setdefault("sampler", "cluster" if cfg.pop("batch_sampling") else "class")
     method = cfg.get("method", DEFAULTS["method"])
-    for k, v in {**DEFAULTS, **METHOD_DEFAULTS.get(method, {})}.items():
+    layered = {**DEFAULTS, **METHOD_DEFAULTS.get(method, {}), **PRESETS.get(cfg.get("preset") or "", {})}
+    for k, v in layered.items():
         cfg.setdefault(k, v)
     return cfg
 

@@ -48,11 +48,18 @@ TABLES = {
     "table1": [("DC", None, None), ("DSA", None, None), ("BS", 20, 3)],
     "table2": [("BS", k, 2) for k in (5, 10, 15, 20, 25)] + [("DC", None, None)],
     "table3": [("BS", 20, layer) for layer in (0, 1, 2, 3)] + [("DC", None, None)],
+    # which real batch helps gradient matching (results/samplers.md): every sampler on DC, layer-3 features
+    "samplers": [("DC", None, None), ("BS", 20, 3), ("STRAT", None, 3), ("DREAM", None, 3), ("PRUNE", None, None)],
 }
+PAPER_TABLES = ("table1", "table2", "table3")
+# sweep method -> --sampler (every sampler cell condenses with DC)
+SAMPLER_OF = {"BS": "cluster", "STRAT": "stratified", "DREAM": "representative", "PRUNE": "pruned"}
+SPREAD_K = 256               # stratified / representative: one cluster per image of the default --batch_real
 TABLE_TITLES = {
     "table1": "Table 1: DC, DSA and Batch Sampling (BS(DC), k = 20, layer 3)",
     "table2": "Table 2: number of clusters k (BS(DC), features from layer 2)",
     "table3": "Table 3: feature layer (BS(DC), k = 20)",
+    "samplers": "Real-batch samplers on DC (class, cluster, stratified, representative, pruned)",
 }
 # flags the sweep sets itself; passing them after `--` would make the run names lie
 OWN_FLAGS = {"--method", "--dataset", "--data_path", "--ipc", "--save_path", "--run_name", "--seed", "--preset",
@@ -77,7 +84,7 @@ class Cell:
 
     @property
     def sampler(self) -> str:
-        return "cluster" if self.method == "BS" else "class"
+        return SAMPLER_OF.get(self.method, "class")
 
 
 def select_cells(tables, ipcs=None, ks=None, layers=None, methods=None) -> dict[Cell, list[str]]:
@@ -141,7 +148,12 @@ def check_extra(extra) -> None:
 
 def run_name(cell: Cell, s: Settings) -> str:
     """``DC_CIFAR10_ipc1_cpu_s0``, ``BS-DC_k20_l3_norm_CIFAR10_ipc10_full_s0`` (+ ``_x<hash>`` with flags after --)."""
-    if cell.sampler == "cluster":
+    model = "" if s.cluster_model == DEFAULT_CLUSTER_MODEL else f"_{s.cluster_model}"
+    if cell.method in ("STRAT", "DREAM"):
+        m = f"{cell.method}-DC_l{cell.layer}{model}"
+    elif cell.method == "PRUNE":
+        m = f"PRUNE-DC{model}"
+    elif cell.sampler == "cluster":
         m = f"BS-DC_k{cell.k}_l{cell.layer}_norm" + ("" if s.margin == BS_NORM_MARGIN else f"_m{s.margin}") \
             + ("" if s.cluster_model == DEFAULT_CLUSTER_MODEL else f"_{s.cluster_model}")
     else:
@@ -165,11 +177,15 @@ def condense_argv(cell: Cell, s: Settings, resume_dir: str | None = None) -> lis
     script = "main_BS.py" if cell.sampler == "cluster" else "main.py"
     if resume_dir:
         return [script, "--resume", resume_dir] + _common_tail(s)
-    argv = [script, "--method", "DC" if cell.sampler == "cluster" else cell.method, "--dataset", s.dataset,
+    argv = [script, "--method", "DC" if cell.sampler != "class" else cell.method, "--dataset", s.dataset,
             "--data_path", s.data_path, "--ipc", str(cell.ipc), "--save_path", s.save_path,
             "--run_name", run_name(cell, s), "--seed", str(s.seed)]
     if s.preset:
         argv += ["--preset", s.preset]
+    if cell.sampler not in ("class", "cluster"):
+        argv += ["--sampler", cell.sampler, "--cluster_model", s.cluster_model, "--cluster_path", s.cluster_path]
+        if cell.layer is not None:
+            argv += ["--layer_idx", str(cell.layer)]
     if cell.sampler == "cluster":
         argv += ["--num_cluster", str(cell.k), "--layer_idx", str(cell.layer), "--norm",
                  "--cluster_model", s.cluster_model, "--cluster_path", s.cluster_path]
@@ -182,6 +198,28 @@ def cluster_file(s: Settings, k: int, layer: int) -> str:
     from .clusters import cluster_file_name
     return os.path.join(s.cluster_path, cluster_file_name(s.dataset, k, layer, True, model=s.cluster_model,
                                                           margin=s.margin))
+
+
+def sampler_file_job(cell: Cell, s: Settings) -> tuple[str, list[str]] | None:
+    """(file, main_cluster.py argv) that a stratified / representative / pruned cell reads; None for the others."""
+    from .clusters import cluster_file_name
+    from .selection import partition_file_name, score_file_name
+    base = ["main_cluster.py", "--dataset", s.dataset, "--data_path", s.data_path, "--model", s.cluster_model,
+            "--cluster_path", s.cluster_path, "--results_path", os.path.join(s.save_path, "clusters")]
+    if cell.sampler == "stratified":
+        name = cluster_file_name(s.dataset, SPREAD_K, cell.layer, False, model=s.cluster_model)
+        argv = base + ["--layer_idx", str(cell.layer), "--num_cluster", str(SPREAD_K), "--no_figures"]
+    elif cell.sampler == "representative":
+        name = partition_file_name(s.dataset, SPREAD_K, cell.layer, 20, 1024, s.cluster_model)
+        argv = base + ["--layer_idx", str(cell.layer), "--num_cluster", str(SPREAD_K), "--representative"]
+    elif cell.sampler == "pruned":
+        name = score_file_name(s.dataset, s.cluster_model)
+        argv = base + ["--scores"]
+    else:
+        return None
+    if s.device in ("auto", "cpu", "cuda"):
+        argv += ["--device", s.device]
+    return os.path.join(s.cluster_path, name), argv + list(s.cluster_args)
 
 
 def extractor_file(s: Settings) -> str:
@@ -227,6 +265,7 @@ class Plan:
     jobs: list                     # every job, finished ones included, in running order
     extractor: str
     extractor_state: str           # present | trained by <job> | not needed
+    seeds: tuple = ()              # the condensation seeds (default: the settings' one)
 
     @property
     def waves(self) -> list[list[Job]]:
@@ -248,7 +287,9 @@ def _check_existing_run(path: str, cell: Cell, s: Settings) -> None:
     if cfg is None:
         return                    # no readable config: the run stopped at its very start
     want = {"dataset": s.dataset, "ipc": cell.ipc, "seed": s.seed, "preset": s.preset,
-            "method": "DC" if cell.sampler == "cluster" else cell.method, "sampler": cell.sampler}
+            "method": "DC" if cell.sampler != "class" else cell.method, "sampler": cell.sampler}
+    if cell.sampler in ("stratified", "representative"):
+        want.update(layer_idx=cell.layer, cluster_model=s.cluster_model)
     if cell.sampler == "cluster":
         want.update(num_cluster=cell.k, layer_idx=cell.layer, norm=True, cluster_model=s.cluster_model,
                     margin=s.margin)
@@ -272,10 +313,12 @@ def condense_state(path: str) -> str:
     return "restart"
 
 
-def make_plan(tables, s: Settings, ipcs=None, ks=None, layers=None, methods=None) -> Plan:
-    """Every job of the sweep with its state; refuses up front what could not run."""
+def make_plan(tables, s: Settings, ipcs=None, ks=None, layers=None, methods=None, seeds=None) -> Plan:
+    """Every job of the sweep with its state; refuses up front what could not run.
+
+    ``seeds``: condense every cell once per seed (default: ``s.seed`` only); files are made once."""
+    import dataclasses
     from .extractor import check_layer, ExtractorError, partial_path
-    from .clusters import cluster_command
     check_extra(s.extra)
     cells = select_cells(tables, ipcs, ks, layers, methods)
     pairs = sorted({(c.k, c.layer) for c in cells if c.sampler == "cluster"}, key=lambda p: (p[1], p[0]))
@@ -293,18 +336,26 @@ def make_plan(tables, s: Settings, ipcs=None, ks=None, layers=None, methods=None
                                        argv=cluster_argv(s, k, layer),
                                        tables=sorted({t for c, ts in cells.items() if (c.k, c.layer) == (k, layer)
                                                       for t in ts}))
+    file_jobs = {}                 # cell -> the job making the file its sampler reads
+    for cell, ts in cells.items():
+        made = sampler_file_job(cell, s)
+        if made is None:
+            continue
+        path, argv = made
+        job = cluster_jobs.setdefault(path, Job(name=os.path.basename(path), kind="cluster", path=path,
+                                                state="done" if os.path.isfile(path) else "new", argv=argv))
+        job.tables = sorted(set(job.tables) | set(ts))
+        file_jobs[cell] = job
     todo = [j for j in cluster_jobs.values() if j.to_run]
     ext = extractor_file(s)
     ext_state = "present" if os.path.isfile(ext) else "not needed"
     if todo and not os.path.isfile(ext):
         first = todo[0]
         if not s.train_extractor:
-            k, layer = next(p for p, j in cluster_jobs.items() if j is first)
-            cmd = cluster_command(s.dataset, s.data_path, k, layer, True, s.cluster_model, s.margin,
-                                  cluster_path=None if s.cluster_path == "checkpoints" else s.cluster_path)
+            cmd = display(first.argv + ["--train_extractor"])
             raise SweepError(f"extractor checkpoint {ext} not found and {len(todo)} clustering job(s) need it. "
                              f"Add --train_extractor to this command (the first clustering job then trains it), "
-                             f"or train it first with: {cmd} --train_extractor")
+                             f"or train it first with: {cmd}")
         first.argv = first.argv + ["--train_extractor"] + (["--resume"] if os.path.exists(partial_path(ext)) else []) \
             + list(s.extractor_args)
         for j in todo[1:]:
@@ -312,17 +363,20 @@ def make_plan(tables, s: Settings, ipcs=None, ks=None, layers=None, methods=None
         ext_state = f"trained by {first.name}"
 
     jobs = list(cluster_jobs.values())
-    for cell, ts in cells.items():
-        name = run_name(cell, s)
-        path = os.path.join(s.save_path, name)
-        state = condense_state(path)
-        if state != "new":
-            _check_existing_run(path, cell, s)
-        cj = cluster_jobs.get((cell.k, cell.layer)) if cell.sampler == "cluster" else None
-        jobs.append(Job(name=name, kind="condense", state=state, cell=cell, tables=ts, path=path,
-                        argv=condense_argv(cell, s, resume_dir=path if state == "resume" else None),
-                        deps=[cj.name] if cj is not None and cj.to_run else []))
-    return Plan(settings=s, tables=list(tables), jobs=jobs, extractor=ext, extractor_state=ext_state)
+    for seed in (seeds or (s.seed,)):
+        ss = dataclasses.replace(s, seed=seed)
+        for cell, ts in cells.items():
+            name = run_name(cell, ss)
+            path = os.path.join(s.save_path, name)
+            state = condense_state(path)
+            if state != "new":
+                _check_existing_run(path, cell, ss)
+            cj = cluster_jobs.get((cell.k, cell.layer)) if cell.sampler == "cluster" else file_jobs.get(cell)
+            jobs.append(Job(name=name, kind="condense", state=state, cell=cell, tables=ts, path=path,
+                            argv=condense_argv(cell, ss, resume_dir=path if state == "resume" else None),
+                            deps=[cj.name] if cj is not None and cj.to_run else []))
+    return Plan(settings=s, tables=list(tables), jobs=jobs, extractor=ext, extractor_state=ext_state,
+                seeds=tuple(seeds or (s.seed,)))
 
 
 # --------------------------------------------------------------------------- #
@@ -342,7 +396,7 @@ def describe(plan: Plan) -> list[str]:
     s = plan.settings
     n_run = sum(j.to_run for j in plan.jobs)
     lines = [f"sweep of {', '.join(plan.tables)} on {s.dataset}, preset {s.preset or 'none (the published protocol)'}, "
-             f"seed {s.seed}: {len(plan.jobs)} jobs "
+             f"seed {', '.join(map(str, plan.seeds or (s.seed,)))}: {len(plan.jobs)} jobs "
              f"({sum(j.kind == 'cluster' for j in plan.jobs)} clustering, "
              f"{sum(j.kind == 'condense' for j in plan.jobs)} condensation), {n_run} to run",
              f"feature extractor {plan.extractor}: {plan.extractor_state}"]

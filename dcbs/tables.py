@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import load_run_config
-from .sweep import IPCS, TABLE_TITLES, TABLES
+from .sweep import IPCS, PAPER_TABLES, TABLE_TITLES, TABLES
 
 # Published accuracies (ConvNet, %, mean ± std of 100 models; std None where the source gives none).
 # Source: the paper ("Dataset Condensation with Batch Sampling") and the DC / DSA papers ("Published
@@ -263,7 +263,7 @@ def render(runs: list[Run], save_paths, datasets=None) -> str:
              f"Published: ConvNet, mean ± std of 100 models (the Batch Sampling paper; DC / DSA papers). "
              f"{DASH}: not run. Figure 1 (DC vs CAFE) is left out: CAFE is not implemented.", ""]
     for dataset in datasets:
-        for table in TABLES:
+        for table in PAPER_TABLES:
             lines += render_table(table, dataset, runs)
     used = sorted(in_tables, key=lambda r: r.name)
     if used:

@@ -65,7 +65,7 @@ def test_each_table_expands_to_its_cells_and_clustering_jobs(with_extractor, tab
 
 
 def test_all_runs_each_shared_cell_and_clustering_once(with_extractor):
-    plan = sweep.make_plan(list(sweep.TABLES), with_extractor)
+    plan = sweep.make_plan(list(sweep.PAPER_TABLES), with_extractor)
     cond, clus = kinds(plan, "condense"), kinds(plan, "cluster")
     # DC, DSA; BS k 5-25 at layer 2; BS k 20 at layers 0, 1 (2 is Table 2's, 3 is Table 1's): 10 columns x 3 ipc
     assert len(cond) == 30 and len({j.name for j in cond}) == 30
@@ -379,3 +379,32 @@ def test_aggregator_lists_only_the_datasets_it_tabulates(tmp_path):
     md = open(out).read()
     assert "from 1 finished run(s)" in md
     assert "DC_CIFAR10_ipc1" in md and "FashionMNIST" not in md
+
+
+# --------------------------------------------------------------------------- #
+# the samplers grid
+# --------------------------------------------------------------------------- #
+def test_samplers_grid_makes_each_file_once_and_runs_every_sampler_per_seed(with_extractor):
+    plan = sweep.make_plan(["samplers"], with_extractor, ipcs=[1], seeds=[0, 1, 2])
+    files = {j.name: j for j in kinds(plan, "cluster")}
+    assert set(files) == {"class_idx_cifar10_k20_3_True.pt", "class_idx_cifar10_k256_3_False.pt",
+                          "rep_idx_cifar10_k256_3_R20_c1024.pt", "scores_cifar10.pt"}
+    assert "--representative" in files["rep_idx_cifar10_k256_3_R20_c1024.pt"].argv
+    assert "--scores" in files["scores_cifar10.pt"].argv
+    assert "--norm" not in files["class_idx_cifar10_k256_3_False.pt"].argv
+    runs = kinds(plan, "condense")
+    assert len(runs) == 5 * 3 and {j.name[-2:] for j in runs} == {"s0", "s1", "s2"}
+    by_sampler = {}
+    for j in runs:
+        from dcbs.config import build_parser, resolve
+        script = j.argv[0]
+        cfg = resolve(build_parser("cluster" if script == "main_BS.py" else "class").parse_args(j.argv[1:]),
+                      "cluster" if script == "main_BS.py" else "class")
+        assert cfg.method == "DC" and cfg.seed == int(j.name[-1])
+        by_sampler.setdefault(cfg.sampler, []).append(j)
+        if cfg.sampler != "class":                            # each waits for the file it reads
+            assert len(j.deps) == 1 and j.deps[0] in files
+    assert sorted(by_sampler) == ["class", "cluster", "pruned", "representative", "stratified"]
+    assert all(len(v) == 3 for v in by_sampler.values())
+    # `all` stays the paper's three tables
+    assert "samplers" not in sweep.make_plan(sweep.PAPER_TABLES, with_extractor, ipcs=[1]).tables
