@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dcbs import clusters as cl
+from dcbs.cmdline import ConfigError, Parser, pick_device, setup_logging
 from dcbs import extractor as ex
 from dcbs import selection as sel
 from dcbs.data import DATASETS, DataError, load_data
@@ -36,19 +37,8 @@ from dcbs.io import FileFormatError, atomic_write_json
 LOG = logging.getLogger("main_cluster")
 
 
-class _DefaultsOnce(argparse.HelpFormatter):
-    """Adds '(default: X)' where the help text does not already say it and X means something."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return h
-        return h + " (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Per-class K-Means clusters of extractor features (Batch Sampling).",
-                                formatter_class=_DefaultsOnce)
+    p = Parser(description="Per-class K-Means clusters of extractor features (Batch Sampling).")
     p.add_argument("--dataset", default="CIFAR10", choices=list(DATASETS))
     p.add_argument("--data_path", default="data", help="dataset root or ImageFolder tree (train/, test/)")
     p.add_argument("--model", default="ResNet18", choices=ex.EXTRACTOR_MODELS, metavar="MODEL",
@@ -102,23 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class ConfigError(ValueError):
-    """Command-line values that cannot work; raised before any work."""
-
-
 def _positive(args, *names):
     for n in names:
         val = getattr(args, n)
         if val is not None and val < 1:
             raise ConfigError(f"--{n} must be >= 1, got {val}")
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA device is available; use --device cpu")
-    return name
 
 
 def resolve_view_class(spec: str | None, class_names) -> int:
@@ -133,18 +111,6 @@ def resolve_view_class(spec: str | None, class_names) -> int:
     if spec.lower() in names:
         return names.index(spec.lower())
     raise ConfigError(f"--view_class {spec!r} is not a class; use an index or one of: {', '.join(class_names)}")
-
-
-def _setup_logging(log_path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    LOG.setLevel(logging.INFO)
-    LOG.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(log_path, encoding="utf-8")]
-    for h in handlers:
-        h.setFormatter(fmt)
-        LOG.addHandler(h)
-    return handlers
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> str:
@@ -166,7 +132,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
     if args.pretrained == "imagenet" and args.model != "ResNet18BN":
         raise ConfigError("--pretrained imagenet needs --model ResNet18BN (torchvision's ImageNet weights are "
                           f"BatchNorm weights), not {args.model}")
-    device = resolve_device(args.device)
+    device = str(pick_device(args.device))
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     data = load_data(args.dataset, args.data_path)      # the data first: every later hint assumes it is there
@@ -204,7 +170,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
                                     args.margin, ext_path)
     out_path = os.path.join(args.cluster_path, name)
     stem = os.path.splitext(name)[0]
-    handlers = _setup_logging(os.path.join(args.results_path, f"{stem}.log"))
+    os.makedirs(os.path.abspath(args.results_path), exist_ok=True)
+    handlers = setup_logging(os.path.join(args.results_path, f"{stem}.log"), stream=sys.stdout, logger=LOG.name,
+                             fmt="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         return _run_logged(args, argv, data, train, device, ext_path, out_path, stem, fix, t_start)
     finally:

@@ -19,17 +19,16 @@ t-SNE (``<out>/<name>_features_<class>.png`` and a JSON of distances beside it):
 import argparse
 import sys
 
+from dcbs.cmdline import Parser
 from dcbs.plots import PlotError, plot_runs
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
+def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} -h)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Plot gradient L2 norms and matching loss of main.py / main_BS.py runs",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Plot gradient L2 norms and matching loss of main.py / main_BS.py runs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (config.json + diagnostics.csv)")
     p.add_argument("--out", default="results/figures", help="folder of the PNG files")
     p.add_argument("--name", default="runs", help="file name prefix: <out>/<name>_loss.png, ...")

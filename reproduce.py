@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from dcbs.cmdline import Parser
 from dcbs import sweep
 from dcbs.sweep import SweepError
 
@@ -27,17 +28,14 @@ SLURM_FLAGS = ("slurm_partition", "slurm_time", "slurm_gpus_per_node", "slurm_cp
                "slurm_array_parallelism", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_setup")
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad flags give one line that says what to change (exit 2), not the usage block."""
-
-    def error(self, message):
+def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} -h)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dcbs.config import PRESETS
     from dcbs.data import DATASETS
-    p = _Parser(prog="reproduce.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="reproduce.py",
                 description="Run the paper's Tables 1-3 (cells shared between tables run once), or "
                             "aggregate finished runs into results/tables.md. Flags after '--' go to every "
                             "main.py / main_BS.py run.")
@@ -93,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_aggregate_parser() -> argparse.ArgumentParser:
     from dcbs.data import DATASETS
-    p = _Parser(prog="reproduce.py aggregate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="reproduce.py aggregate",
                 description="Tables 1-3 from finished run directories, next to the published numbers.")
     p.add_argument("--save_path", nargs="+", default=[os.path.join("results", "sweep")],
                    help="folders of run directories")
@@ -105,7 +103,7 @@ def build_aggregate_parser() -> argparse.ArgumentParser:
 
 def build_figures_parser() -> argparse.ArgumentParser:
     from dcbs.data import DATASETS
-    p = _Parser(prog="reproduce.py figures", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="reproduce.py figures",
                 description="Figures 5-8 from finished run directories: synthetic images (5), gradient norms "
                             "and loss by k (6) and by layer (7), one class's feature distribution (8). One set "
                             "per dataset, ipc, preset and seed.")
@@ -139,7 +137,7 @@ def run_figures(argv) -> int:
 
 
 def build_demo_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="reproduce.py demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog="reproduce.py demo",
                 description="The whole method on scikit-learn's digits in a few minutes on a CPU: main_cluster.py "
                             "(a small ConvNet extractor, k clusters per class, Figure 2 view), main.py (DC) and "
                             "main_BS.py (BS(DC)) under the same reduced protocol, plot_runs.py (gradient norms per "

@@ -16,6 +16,7 @@ import torch
 
 from .clusters import ClusterFileError
 from .condense import Condenser, Interrupted, NonFiniteError
+from .cmdline import pick_device
 from .config import ConfigError, build_parser, resolve, upgrade_config
 from .data import DataError, load_data
 from .evaluate import check_compile, check_synthetic_set, eval_settings_for, get_eval_pool
@@ -33,14 +34,6 @@ RESUME_FREE |= {"eval_batch", "ops", "compile"}
 ERRORS = (ConfigError, DataError, FileFormatError, RunDirError, NonFiniteError, Interrupted, ClusterFileError,
           SamplerError)
 SCRIPTS = {"class": "main.py", "cluster": "main_BS.py"}   # the script whose default each sampler is
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
 
 
 def label(cfg) -> str:

@@ -29,6 +29,7 @@ import shlex
 import numpy as np
 import torch
 
+from dcbs.cmdline import ConfigError
 from dcbs.io import FileFormatError, atomic_save, safe_load
 from dcbs.seeding import derive_seed
 
@@ -55,7 +56,7 @@ class ClusterFileError(RuntimeError):
     """A cluster file is missing, unreadable, or does not belong to this data / these settings."""
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ConfigError):
     """Clustering settings that cannot work (k too large, size bounds that cannot be met)."""
 
 

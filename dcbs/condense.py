@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import torch.nn as nn
 
 from . import precision
 from .augment import DiffAugment, ParamDiffAug
+from .cmdline import StopFlag
 from .data import RealData, denormalize
 from .evaluate import (auto_eval_batch, batchable, build_eval_model, embed_no_grad, epoch, eval_settings_for,
                        get_eval_pool, has_batchnorm, minibatches, train_and_test, train_and_test_batched)
@@ -282,16 +282,12 @@ class Condenser:
         self.accuracies: dict = {}
         self.diagnostics: list[dict] = []
         self.data_save: list = []
-        self.stop_requested = False
+        self.stop = StopFlag(log=log.warning)
         self._warned_compile = False
 
-    # ------------------------------------------------------------------ signals
-    def _on_signal(self, signum, frame):
-        if self.stop_requested:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.stop_requested = True
-        log.warning("received %s: finishing the current step, then saving a checkpoint",
-                    signal.Signals(signum).name)
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop.stop
 
     # ------------------------------------------------------------------ evaluation
     def eval_settings(self, arch):
@@ -316,7 +312,7 @@ class Condenser:
             for start in range(0, c.num_eval, group):
                 ids = range(start, min(start + group, c.num_eval))
                 nets = [build_eval_model(arch, d.channel, d.num_classes, d.im_size, c.seed, "eval", exp, it, arch, i,
-                                         ops=getattr(c, "ops", "fast")).to(self.device) for i in ids]
+                                         ops=c.ops).to(self.device) for i in ids]
                 gens = [generator(c.seed, "evaltrain", exp, it, arch, i) for i in ids]
                 if len(nets) > 1 and batchable(nets[0]):
                     accs += train_and_test_batched(nets, images, labels, d.images_test, d.labels_test, s, gens,
@@ -373,8 +369,7 @@ class Condenser:
     def run_all(self, config: dict, resume_state: dict | None = None) -> dict:
         from tqdm import tqdm
         c, d = self.cfg, self.data
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with self.stop:
             start_exp = 0
             if resume_state is not None:
                 self.accuracies = resume_state["accuracies"]
@@ -398,9 +393,6 @@ class Condenser:
                 self.accuracies.setdefault(str(exp), {})
                 self._run_experiment(exp, start_it, sampler, bn_sampler, image_syn, label_syn, opt_img, config, tqdm)
             return self.final_accuracies()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
     def _checkpoint(self, exp, next_it, image_syn, label_syn, opt_img, sampler, config):
         self.run.save_checkpoint(self.state(exp, next_it, image_syn, label_syn, opt_img, sampler, config))
@@ -426,7 +418,7 @@ class Condenser:
                 break
             t0 = time.time()
             with seeded(c.seed, "net", exp, it):
-                net = build_model(c.model, d.channel, d.num_classes, d.im_size, ops=getattr(c, "ops", "fast"))
+                net = build_model(c.model, d.channel, d.num_classes, d.im_size, ops=c.ops)
             net = net.to(self.device)
             net.train()
             diag = Diagnostics([n for n, _ in net.named_parameters()] if c.method != "DM" else None)

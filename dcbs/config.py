@@ -14,6 +14,7 @@ import os
 from types import SimpleNamespace
 
 from networks import model_names
+from .cmdline import ConfigError, Parser
 from .data import DATASETS
 from .matching import get_loops
 from .fast_ops import OPS
@@ -21,10 +22,6 @@ from .precision import PRECISIONS
 
 __all__ = ["build_parser", "resolve", "upgrade_config", "load_run_config", "ConfigError", "PRESETS", "METHOD_DEFAULTS",
            "default_eval_its"]
-
-
-class ConfigError(ValueError):
-    """A flag value or combination that cannot work; the message says what to change."""
 
 
 DEFAULTS = dict(
@@ -64,17 +61,10 @@ PRESETS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad flags give one line that says what to change (and exit 2), not the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
-
-
 def build_parser(default_sampler: str = "class") -> argparse.ArgumentParser:
     """The parser of main.py and main_BS.py; they differ only in the default ``--sampler``."""
     from .samplers import SAMPLERS
-    p = _Parser(
+    p = Parser(
         description=("Batch Sampling: DC/DSA whose real batches come from one feature cluster of the class"
                      if default_sampler == "cluster" else "Dataset condensation: DC, DSA, DM")
         + f" (default --sampler {default_sampler})", argument_default=None)
@@ -90,12 +80,11 @@ def build_parser(default_sampler: str = "class") -> argparse.ArgumentParser:
     a("--eval_batch", type=int, help="evaluation models trained together with torch.func.vmap (default: all "
                                      "--num_eval at once on CUDA, one by one on the CPU, where vmap measured slower); "
                                      "models with BatchNorm are always trained one by one")
-    a("--compile", "--compile_test", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
       help="run the gradient-free forward passes through torch.compile: the evaluation's test pass (models "
-           "trained one by one only, see --eval_batch) and DM's real-image embeddings (opt-in: 5-15 s of "
-           "compilation once per process and architecture, then 1.2-1.3x over the eager passes on the 2-core "
-           "CPU; needs a C++ compiler on the CPU, triton on CUDA; same results up to rounding; --no-compile "
-           "turns it off, e.g. on --resume; --compile_test is its older name)")
+           "trained one by one only, see --eval_batch) and DM's real-image embeddings (opt-in: seconds of "
+           "compilation once per process and architecture; needs a C++ compiler on the CPU, triton on CUDA; same "
+           "results up to rounding; --no-compile turns it off, e.g. on --resume)")
     a("--epoch_eval_train", type=int, help="evaluation epochs (default 300; 1000 when evaluation augments)")
     a("--Iteration", type=int, help="condensation iterations (default 1000; DM 20000)")
     a("--lr_img", type=float, help="learning rate of the synthetic images (default 0.1; DM 1.0)")

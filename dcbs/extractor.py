@@ -17,7 +17,6 @@ its four stages. Here:
 from __future__ import annotations
 
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dcbs.cmdline import StopFlag
 from dcbs.io import FileFormatError, atomic_save, file_sha256, safe_load
 from dcbs.seeding import generator, seeded
 from networks import build_model, model_names, num_feature_layers
@@ -282,35 +282,6 @@ class TrainConfig:
 
     def to_dict(self):
         return asdict(self)
-
-
-class StopFlag:
-    """SIGINT/SIGTERM -> finish the current step, save, stop. A second Ctrl-C aborts at once."""
-
-    def __init__(self, log=None):
-        self.stop, self.signame, self._old, self._log = False, None, {}, log
-
-    def _handler(self, signum, frame):
-        if self.stop and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.stop, self.signame = True, signal.Signals(signum).name
-        if self._log:
-            self._log(f"{self.signame} received: finishing the current step, then saving "
-                      f"(Ctrl-C again to abort without saving)")
-
-    def __enter__(self):
-        try:
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        except ValueError:      # not the main thread: no handlers, still usable as a flag
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
-        return False
 
 
 def _subset(cfg: TrainConfig, n: int) -> torch.Tensor:

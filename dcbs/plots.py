@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .cmdline import ConfigError
 from .config import load_run_config
 from .io import atomic_write
 from .samplers import method_label
@@ -33,7 +34,7 @@ __all__ = ["PlotError", "RunData", "load_run", "load_runs", "run_label", "tensor
 REAL, SYN = "gw_real:", "gw_syn:"
 
 
-class PlotError(ValueError):
+class PlotError(ConfigError):
     """A run directory that cannot be plotted; the message names it and says why."""
 
 

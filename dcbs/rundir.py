@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from .cmdline import setup_logging  # noqa: F401  (the run's log.txt)
 from .io import atomic_save, atomic_write_json, atomic_write_text, safe_load, FileFormatError
 
 __all__ = ["RunDir", "RunDirError", "git_revision", "setup_logging", "is_locked", "lock_holder",
@@ -141,23 +142,6 @@ def git_revision() -> str:
         return (rev or "unknown") + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
-
-
-def setup_logging(path: str | None = None, level=logging.INFO) -> None:
-    """Console (stderr) and, when ``path`` is given, a log file; one line per event."""
-    root = logging.getLogger()
-    root.setLevel(level)
-    for h in list(root.handlers):
-        if getattr(h, "_dcbs", False):
-            root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)]
-    if path:
-        handlers.append(logging.FileHandler(path, encoding="utf-8"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        h._dcbs = True
-        root.addHandler(h)
 
 
 class RunDir:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import torch
 
+from .cmdline import ConfigError
 from .seeding import derive_seed
 
 __all__ = ["Sampler", "ClassSampler", "ClusterSampler", "StratifiedSampler", "RepresentativeSampler",
            "PrunedSampler", "SAMPLERS", "SamplerError", "sampler_tag", "method_label"]
 
 
-class SamplerError(ValueError):
+class SamplerError(ConfigError):
     """Sampler settings or files that cannot work; the message says what to change."""
 
 

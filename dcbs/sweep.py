@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .cmdline import ConfigError
 from .config import load_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,7 @@ OWN_FLAGS = {"--method", "--dataset", "--data_path", "--ipc", "--save_path", "--
              "--cluster_file", "--num_threads", "--device", "--load_syn"}
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """A sweep that cannot be planned as asked; the message says what to change."""
 
 

@@ -12,7 +12,7 @@ os.environ.setdefault("DCBS_NO_DOWNLOAD", "1")
 torch.set_num_threads(1)
 
 
-# torch.compile (--compile_test) on the CPU: inductor builds C++ kernels
+# torch.compile (--compile) on the CPU: inductor builds C++ kernels
 needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                reason="torch.compile on the CPU needs a C++ compiler")
 

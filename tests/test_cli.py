@@ -130,7 +130,7 @@ def test_compile_gives_the_same_accuracies_and_fails_early_without_a_compiler(tm
     assert len(flat["eager"]) == 4 and flat["eager"] == pytest.approx(flat["compiled"], abs=1.5 / n_test)
     # no working compiler: one error line before anything is written (fresh inductor cache, so none is reused)
     before = tree_hash(tmp_path)
-    r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "nocxx", "--compile_test",
+    r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "nocxx", "--compile",
                 env={"CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path.parent / "ind")})
     assert r.returncode == 2
     lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]

@@ -97,6 +97,9 @@ def _parse_reproduce(argv):
     elif argv[:1] == ["figures"]:
         assert not extra, "figures takes no flags after '--'"
         reproduce.build_figures_parser().parse_args(argv[1:])
+    elif argv[:1] == ["demo"]:
+        assert not extra, "demo takes no flags after '--'"
+        reproduce.build_demo_parser().parse_args(argv[1:])
     else:
         reproduce.check_args(reproduce.build_parser().parse_args(argv))
         for default_sampler in ("class", "cluster"):           # flags after '--' go to main.py and main_BS.py runs

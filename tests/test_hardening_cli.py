@@ -59,7 +59,8 @@ def test_a_run_resumed_by_the_other_script_names_the_right_one(tmp_path):
     r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "dc", "--Iteration", 1,
                 "--eval_it", 1)
     assert r.returncode == 0, r.stderr
-    os.remove(tmp_path / "dc" / "DONE")
+    os.remove(tmp_path / "dc" / "DONE")                     # as if killed after its last checkpoint
+    os.replace(tmp_path / "dc" / "checkpoint_final.pt", tmp_path / "dc" / "checkpoint.pt")
     line = _error(run_cli("main_BS.py", "--resume", tmp_path / "dc"))
     assert "main.py (--sampler class) made this run" in line and f"python main.py --resume {tmp_path / 'dc'}" in line
 
@@ -71,3 +72,30 @@ def test_help_says_each_default_once():
         text = " ".join(r.stdout.split())
         assert "(default: None)" not in text
         assert "default 20) (default: 20)" not in text and "(default 20 (default" not in text
+
+
+def test_the_printed_cluster_command_works_and_batch_sampling_follows(tmp_path, digits):
+    """main_BS.py names the main_cluster.py command that makes its missing file; run as printed (from another
+    folder, so its results/ lands there), it makes the file, and the same main_BS.py command then runs."""
+    import shlex
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from dcbs import extractor as ex
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    net = ex.build_extractor("ConvNet", digits.channel, digits.num_classes, digits.im_size, seed=3)
+    torch.save(net.state_dict(), ck / "ConvNet_digits.pt")      # a small extractor, made first
+    bs = ["--dataset", "digits", "--layer_idx", 2, "--num_cluster", 20, "--norm", "--cluster_model", "ConvNet",
+          "--cluster_path", ck, "--preset", "smoke", "--ipc", 10, "--save_path", tmp_path / "runs",
+          "--num_threads", 1]
+    line = _error(run_cli("main_BS.py", *bs, "--run_name", "first"))
+    cmd = shlex.split(line.split("make it with: ")[1])
+    assert cmd[:2] == ["python", "main_cluster.py"] and "--norm" in cmd
+    env = dict(os.environ, OMP_NUM_THREADS="1", DCBS_NO_DOWNLOAD="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, cmd[1]), *cmd[2:]], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("main_BS.py", *bs, "--run_name", "second")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "runs" / "second" / "DONE").exists()

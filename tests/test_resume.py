@@ -165,10 +165,9 @@ def test_compile_may_be_switched_on_and_off_on_resume(monkeypatch):
     for config in (saved, older):
         fake = SimpleNamespace(read_config=lambda: dict(config))
         monkeypatch.setattr(cli.RunDir, "open_for_resume", staticmethod(lambda path: fake))
-        for flags, expected in (([], True), (["--no-compile"], False), (["--no-compile_test"], False),
-                                (["--compile_test"], True)):
+        for flags, expected in (([], True), (["--no-compile"], False), (["--compile"], True)):
             _, cfg = cli.resume_config(build_parser().parse_args(["--resume", "somewhere", *flags]), "class")
             assert cfg["compile"] is expected and "compile_test" not in cfg, flags
     with pytest.raises(cli.ConfigError, match="--ipc 3"):  # a setting that changes the result is still refused
-        cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--no-compile_test", "--ipc", "3"]),
+        cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--no-compile", "--ipc", "3"]),
                           "class")
