@@ -130,7 +130,7 @@ def test_eval_mode_m_trains_every_listed_architecture(digits, tmp_path):
     from dcbs.condense import Condenser
     cfg = SimpleNamespace(method="DC", eval_mode="M", model="ConvNet", num_eval=1, eval_batch=1, seed=0,
                           dataset="digits", ipc=1, dsa_strategy="none", lr_net=0.01, batch_train=256,
-                          epoch_eval_train=1)
+                          epoch_eval_train=1, compile=False, ops="fast")
     ev = Condenser(cfg, digits, None, None, torch.device("cpu"), "test")
     x = digits.images_train[[int(ix[0]) for ix in digits.indices_class]]
     out = ev.evaluate(x, torch.arange(10), 0, 0)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import needs_cxx, run_cli
+from dcbs.matching import get_loops
 from dcbs.augment import ParamDiffAug
 from dcbs.condense import Diagnostics, StepContext, distribution_matching_step, gradient_matching_step
 from dcbs.evaluate import has_batchnorm
@@ -64,7 +65,7 @@ def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.flo
     dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
     cfg = SimpleNamespace(ipc=ipc, batch_real=24, dsa_strategy=dsa, seed=seed, dis_metric="ours", lr_net=0.01,
                           batch_train=256, kernel=kernel, method=method, precision=precision,
-                          compile=compile)
+                          compile=compile, outer_loop=get_loops(ipc)[0], inner_loop=get_loops(ipc)[1])
     torch.manual_seed(seed)
     device = torch.device(device)
     net = build_model(model, digits.channel, digits.num_classes, digits.im_size, ops=ops).to(device, dtype)
