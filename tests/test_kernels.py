@@ -56,7 +56,7 @@ def test_per_class_grads_equal_the_loop_with_uneven_batches(model):
 
 
 def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.float32, ops="fast", device="cpu",
-          precision="fp32", compile=False):
+          precision="fp32", compile=False, loops=None):
     """One full iteration of the shared loop on ``device`` (the real data stays on the CPU, as
     ``StepContext.real_batch`` moves each batch); returns the loss row and the synthetic images
     after and before the step, on the CPU."""
@@ -65,7 +65,8 @@ def _step(kernel, model, method, digits, sampler, ipc=2, seed=3, dtype=torch.flo
     dsa = "color_crop_cutout_flip_scale_rotate" if method == "DSA" else "none"
     cfg = SimpleNamespace(ipc=ipc, batch_real=24, dsa_strategy=dsa, seed=seed, dis_metric="ours", lr_net=0.01,
                           batch_train=256, kernel=kernel, method=method, precision=precision,
-                          compile=compile, outer_loop=get_loops(ipc)[0], inner_loop=get_loops(ipc)[1])
+                          compile=compile, outer_loop=(loops or get_loops(ipc))[0],
+                          inner_loop=(loops or get_loops(ipc))[1])
     torch.manual_seed(seed)
     device = torch.device(device)
     net = build_model(model, digits.channel, digits.num_classes, digits.im_size, ops=ops).to(device, dtype)
@@ -122,15 +123,13 @@ def test_batched_kernel_makes_the_same_update_as_the_loop(digits, model, method,
     assert row_b["batch_real_mean"] == row_l["batch_real_mean"]
 
 
-def test_batched_kernel_over_several_outer_steps_in_float64(digits, monkeypatch):
+def test_batched_kernel_over_several_outer_steps_in_float64(digits):
     """ipc 10: outer steps with network training between them. In fp32 the two kernels' rounding
     differences grow through the inner SGD steps (~5e-3 relative after 3 outer steps with 2 inner steps), which would
     hide a real error, so this runs in float64, where the same computation agrees to ~1e-12."""
-    import dcbs.condense as cd
-    monkeypatch.setattr(cd, "get_loops", lambda _ipc: (2, 1))    # the protocol's (10, 50) takes minutes
-    sampler = ClassSampler(digits.indices_class, 17)
-    row_l, syn_l, start = _step("loop", "ConvNet", "DC", digits, sampler, 10, dtype=torch.float64)
-    row_b, syn_b, _ = _step("batched", "ConvNet", "DC", digits, sampler, 10, dtype=torch.float64)
+    sampler = ClassSampler(digits.indices_class, 17)     # loops (2, 1): the protocol's (10, 50) takes minutes
+    row_l, syn_l, start = _step("loop", "ConvNet", "DC", digits, sampler, 10, dtype=torch.float64, loops=(2, 1))
+    row_b, syn_b, _ = _step("batched", "ConvNet", "DC", digits, sampler, 10, dtype=torch.float64, loops=(2, 1))
     u_l, u_b = syn_l - start, syn_b - start
     assert u_l.norm() > 0
     assert (u_b - u_l).norm() <= 1e-9 * u_l.norm()

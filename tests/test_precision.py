@@ -177,14 +177,15 @@ def test_inner_loop_trains_in_bf16_with_fp32_weights(digits):
     assert (step16 - step32).norm() <= 0.06 * step32.norm()
 
 
-def matching_step_updates(digits, device="cpu"):
+def matching_step_updates(digits, device="cpu", loops=None):
     """The synthetic images' update and the loss of one DC step (test_kernels' ``_step``, ipc 2) in fp32
     and bf16 on ``device`` (same seeds, same real batches drawn on the CPU)."""
     from test_kernels import _step
     sampler = ClassSampler(digits.indices_class, 11)
     moved = {}
     for name in ("fp32", "bf16"):
-        row, syn, start = _step("loop", "ConvNet", "DC", digits, sampler, ipc=2, device=device, precision=name)
+        row, syn, start = _step("loop", "ConvNet", "DC", digits, sampler, ipc=2, device=device, precision=name,
+                                loops=loops)
         assert syn.dtype == torch.float32
         moved[name] = (syn - start, row["loss"])
     return moved
@@ -197,11 +198,9 @@ def assert_bf16_moves_as_fp32(moved):
     assert F.cosine_similarity(u32.flatten(), u16.flatten(), dim=0) > 0.98
 
 
-def test_gradient_matching_step_in_bf16_moves_the_images_as_fp32_does(digits, monkeypatch):
-    """A whole step with two outer updates and an inner loop between them (loops patched to (2, 2))."""
-    import dcbs.condense as cd
-    monkeypatch.setattr(cd, "get_loops", lambda _ipc: (2, 2))
-    assert_bf16_moves_as_fp32(matching_step_updates(digits))
+def test_gradient_matching_step_in_bf16_moves_the_images_as_fp32_does(digits):
+    """A whole step with two outer updates and an inner loop between them (loops (2, 2))."""
+    assert_bf16_moves_as_fp32(matching_step_updates(digits, loops=(2, 2)))
 
 
 def test_resume_compares_a_setting_the_run_predates_with_its_default(monkeypatch):
