@@ -224,8 +224,9 @@ def validate(cfg: dict) -> None:
               "representative": files | {"layer_idx", "rep_embed", "rep_partitions", "candidates", "interval"},
               "pruned": files | {"prune_hard"}}
     stray = sorted(k for k in set().union(*owners.values()) - owners.get(sampler, set()) if k in cfg["explicit"])
-    need(not stray, f"--{', --'.join(stray)} do(es) not apply to --sampler {sampler}: drop it, or pick the sampler "
-                    f"it belongs to (see -h)")
+    one = len(stray) == 1
+    need(not stray, f"--{', --'.join(stray)} {'does' if one else 'do'} not apply to --sampler {sampler}: drop "
+                    f"{'it' if one else 'them'}, or pick the sampler {'it belongs' if one else 'they belong'} to (see -h)")
     if "mix_after" in cfg["explicit"]:
         need(cfg["mix"], "--mix_after has no effect without --mix: add --mix or drop --mix_after")
     if cfg["mix"]:

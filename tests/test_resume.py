@@ -138,7 +138,7 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("script,extra,needle", [
-    ("main.py", ["--mix"], "--mix do(es) not apply to --sampler class"),
+    ("main.py", ["--mix"], "--mix does not apply to --sampler class"),
     ("main.py", ["--init", "real", "--ipc", 500], "--init real"),
     ("main.py", ["--eval_it", 5, "--Iteration", 2], "--eval_it"),
     ("main.py", ["--save_path", "/proc/nope"], "not writable"),
