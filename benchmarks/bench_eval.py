@@ -1,13 +1,11 @@
 """Wall time per evaluated model: trained one after another, or together in one vmapped pass.
 
-Trains ``--models`` ConvNets on a random CIFAR10-shaped synthetic set of each ``--ipcs``, once
-with ``train_and_test`` per model (``--eval_batch 1``) and once with ``train_and_test_batched``
-(``--eval_batch N``), and prints seconds per model, the speed-up and the largest accuracy
-difference between the two (the same models, trained two ways). The protocol trains 300 epochs
-(1000 with DSA) and tests on 10,000 images; a CPU run trains ``--epochs`` and tests on
-``--test_images`` and says so (the point is the ratio of the two paths).
+Trains ``--models`` ConvNets on a random CIFAR10-shaped synthetic set of each ``--ipcs`` with
+``train_and_test`` (``--eval_batch 1``) and with ``train_and_test_batched`` (``--eval_batch N``), and
+prints seconds per model, the speed-up and the largest accuracy difference between the two ways.
+It trains ``--epochs`` and tests on ``--test_images``: a reduced protocol, for the ratio of the two.
 
-    python benchmarks/bench_eval.py                            # CPU: ipc 1 10 50, 4 models, 20 epochs
+    python benchmarks/bench_eval.py --num_threads 2                    # CPU: ipc 1 10 50, 4 models, 20 epochs
     python benchmarks/bench_eval.py --device cuda --models 20 --epochs 300 --test_images 10000
 """
 from __future__ import annotations
@@ -18,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_speed, which puts the repository on sys.path
-from bench_speed import _sync, write_report  # noqa: E402
+from bench_speed import DSA_STRATEGY, _sync, setup_torch, write_report  # noqa: E402
 
 
 def measure(ipc: int, models: int, epochs: int, test_images: int, device, dsa: bool) -> dict:
@@ -31,7 +29,7 @@ def measure(ipc: int, models: int, epochs: int, test_images: int, device, dsa: b
     y = torch.arange(10).repeat_interleave(ipc).to(device)
     xt = torch.randn(test_images, 3, 32, 32, generator=g).to(device)
     yt = torch.randint(0, 10, (test_images,), generator=g).to(device)
-    strategy = "color_crop_cutout_flip_scale_rotate" if dsa else "none"
+    strategy = DSA_STRATEGY if dsa else "none"
     nets = lambda: [build_eval_model("ConvNet", 3, 10, (32, 32), 0, "bench", i).to(device) for i in range(models)]
     gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(models)]
     warm = EvalSettings(1, 0.01, 256, strategy, None)       # oneDNN primitives, CUDA context
@@ -69,13 +67,7 @@ def main(argv=None):
     if args.models < 2 or args.epochs < 1 or args.test_images < 1 or min(args.ipcs) < 1:
         p.error("--models must be >= 2, --epochs, --test_images and --ipcs >= 1")
     import torch
-    from dcbs.perf import tune_allocator
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
-    tune_allocator()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    device, t0, rows = torch.device(args.device), time.time(), []
+    device, t0, rows = setup_torch(p, args.device, args.num_threads), time.time(), []
     print(f"{args.epochs} epochs and a test pass over {args.test_images} images per model "
           f"(the protocol: 300 or 1000 epochs, 10,000 test images)")
     print(f"{'ipc':>4}{'models':>7}{'epochs':>7}  {'seq s/model':>12}{'batched s/model':>16}{'x':>6}  max |acc diff|")
@@ -86,8 +78,7 @@ def main(argv=None):
               f"{r['batched_s_per_model']:>16.2f}{r['speedup']:>6.2f}  {r['max_acc_diff']:.4f}", flush=True)
     write_report(args.out, t0, {"rows": rows}, device=str(device), threads=torch.get_num_threads(),
                  gpu=torch.cuda.get_device_name() if device.type == "cuda" else None,
-                 note="--epochs epochs and --test_images test images per model: a reduced protocol",
-                 argv=sys.argv[1:] if argv is None else list(argv))
+                 note="--epochs epochs and --test_images test images per model: a reduced protocol", argv=argv)
     print(f"\nwritten {args.out} ({time.time() - t0:.0f} s)")
     return 0
 

@@ -1,56 +1,41 @@
-"""Our code beside the public reference DC/DSA/DM code, timed in one process.
+"""Our code beside the public reference DC/DSA/DM code, timed in one process, sides in turn.
 
-Times one DC, DSA and DM iteration at ipc 1 and 10 (``--ipcs``), the evaluation's test pass over
-10,000 images (TEST) and one whole evaluation at ipc 1 (EVAL: 300 epochs on 10 images, then the
-test pass), on FashionMNIST-shaped random data (1x28x28, 10 classes, 6000 images per class,
-ConvNet), ours and the reference's in turn (ours, reference, ours, ...) after one untimed warm-up
-each, so that both see the same machine state. A DC/DSA iteration at ipc 10 is timed in its two
-parts, one synthetic update and one 50-epoch inner loop, and composed repetition by repetition
-as ``10 x update + 9 x inner loop``.
-
-* ours: bench_speed.py's cases (the ``loop`` kernel; TEST: ``test_accuracy``) with ``--ops fast`` (the scripts' default)
-  or ``--ops plain`` (torch's layers: our straightforward path); ``--bf16`` adds our DC/DSA under
-  ``--precision bf16``, ``--compile`` our DM, TEST and EVAL under the scripts' ``--compile``;
-* reference: the loop body of its ``main.py`` / ``main_DM.py`` for one iteration, and its
-  ``epoch('test', ...)`` / ``evaluate_synset``, re-created in a few lines that call its own
-  ``utils`` (imported from ``--reference_dir``, never copied), its clock-based seeds kept.
+Rows: a DC, DSA and DM iteration at each ``--ipcs``, the 10,000-image test pass (TEST) and one
+evaluation at ipc 1 (EVAL) on FashionMNIST-shaped random data. Ours is bench_speed.py's case; the
+reference's is its main.py / main_DM.py loop body, ``epoch('test', ...)`` and ``evaluate_synset``,
+re-created around its own ``utils`` from ``--reference_dir``. Figures: docs/performance.md.
 
     git clone https://github.com/VICO-UoE/DatasetCondensation ../DatasetCondensation
-    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation
-    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --ops plain --ipcs 1
-
-Prints medians (min-max) and the speed-ups over the reference, and writes them as JSON
-(``--out``). Run it on an otherwise idle machine.
+    python benchmarks/bench_reference.py --reference_dir ../DatasetCondensation --bf16 --compile
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 import warnings
 from types import SimpleNamespace
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_speed, which puts the repository on sys.path
-from bench_speed import _data, case_fns, compose, interleaved, write_report  # noqa: E402
+from bench_speed import (DSA_STRATEGY, _data, case_fns, compose, interleaved, setup_torch, summary,  # noqa: E402
+                         write_report)
 
 CLONE = "git clone https://github.com/VICO-UoE/DatasetCondensation"
 SHAPE = "FashionMNIST"
 IPC = 1
 METHODS = ("DC", "DSA", "DM", "TEST", "EVAL")
-# a row's sides: their name in the output, and the key of their median over the reference's
-SIDES = {"ours": ("ours", "ratio"), "ours_bf16": ("bf16", "ratio_bf16"),
-         "ours_compiled": ("compiled", "ratio_compiled"), "reference": ("reference", None)}
+RATIO = {"ours": "ratio", "ours_bf16": "ratio_bf16", "ours_compiled": "ratio_compiled"}  # side: its / reference's
 
 
 # --------------------------------------------------------------------------- the two sides
 def load_reference(reference_dir: str):
-    """The reference's ``utils`` module, imported from ``reference_dir``. Its ``utils`` and
-    ``networks`` share their names with our top-level modules: ours are set aside in
-    ``sys.modules`` while it imports and put back afterwards."""
+    """The reference's ``utils``, imported from ``reference_dir`` with our same-named top-level
+    modules (``utils``, ``networks``) set aside in ``sys.modules`` meanwhile."""
     names = ("utils", "networks")
     ours = {n: sys.modules.pop(n) for n in names if n in sys.modules}
     sys.path.insert(0, reference_dir)
@@ -70,9 +55,7 @@ def load_reference(reference_dir: str):
 
 def ours_side(method: str, data, device, dsa_strategy: str, ipc: int = IPC, layers: str = "fast",
               precision: str = "fp32", compiled: bool = False) -> dict:
-    """Our side of a row, as bench_speed.py times it: ``{"iter": fn}`` or, for DC/DSA at ipc > 1,
-    ``{"match": one synthetic update, "inner": one inner loop}``. TEST is ``test_accuracy``; EVAL a DC
-    evaluation at ipc 1 (300 epochs, no augmentation for FashionMNIST, then the test pass)."""
+    """Our side of a row, bench_speed.py's case: TEST is ``test_accuracy``, EVAL a DC evaluation at ipc 1."""
     kind = {"TEST": "test_pass", "EVAL": "eval"}.get(method, "iter")
     kernel = "compiled" if compiled else {"iter": "loop", "test_pass": "batched", "eval": "-"}[kind]
     case = dict(kind=kind, method="DC" if kind == "eval" else method, shape=SHAPE, ipc=ipc, kernel=kernel, ops=layers,
@@ -80,45 +63,17 @@ def ours_side(method: str, data, device, dsa_strategy: str, ipc: int = IPC, laye
     return case_fns(case, data, device)[0]
 
 
-def _one_image_param(ref):
-    """A reference ParamDiffAug for a one-image batch: ``Siamese`` reads False whatever DiffAugment sets
-    (broadcasting sample 0's draw to a batch of one changes nothing)."""
-    class OneImageParam(ref.ParamDiffAug):
-        Siamese = property(lambda self: False, lambda self, value: None)
-    return OneImageParam()
-
-
 def _plain_strides(x):
-    """``x`` with row-major (NCHW) strides: a copy when its strides differ, ``x`` itself otherwise."""
+    """``x`` with row-major strides (exactly: ``contiguous()`` ignores a one-channel dimension's stride)."""
     import torch
-    want, acc = [], 1
-    for size in reversed(x.shape):
-        want.insert(0, acc)
-        acc *= size
-    return x if list(x.stride()) == want else x.clone(memory_format=torch.contiguous_format)
-
-
-@contextlib.contextmanager
-def _row_major_diffaugment(ref):
-    """The reference's ``epoch`` calls its module's ``DiffAugment`` by name; while this is active that
-    name returns row-major batches (``siamese``'s second adaptation, for the inner loop's call)."""
-    real = ref.DiffAugment
-    ref.DiffAugment = lambda *a, **k: _plain_strides(real(*a, **k))
-    try:
-        yield
-    finally:
-        ref.DiffAugment = real
+    want = tuple(math.prod(x.shape[i + 1:]) for i in range(x.dim()))
+    return x if x.stride() == want else x.clone(memory_format=torch.contiguous_format)
 
 
 def reference_iteration(ref, method: str, data, dsa_strategy: str, ipc: int = IPC) -> dict:
-    """The reference loop body, calling its ``utils``, in the parts ``ours_side`` returns.
-
-    DC/DSA: main.py's body of one iteration: at ipc 1 all of it (outer_loop 1: it stops after the
-    synthetic update; its ``get_network`` call is timed with it); at ipc > 1 one pass of its outer
-    loop (``match``, on a network built once) and one inner loop (``inner``: its deepcopy,
-    ``TensorDataset``, shuffled ``DataLoader`` and ``epoch('train', ...)`` calls). DM: main_DM.py's
-    ConvNet branch. Real images as its ``get_images`` draws them. DSA through ``siamese`` below.
-    """
+    """The reference's loop body around its ``utils``, in the parts ``ours_side`` returns: main.py's
+    whole iteration at ipc 1 (``get_network`` included), else one outer-loop pass (``match``) and one
+    inner loop (``inner``); main_DM.py's ConvNet branch for DM."""
     import copy
     import numpy as np
     import torch
@@ -126,9 +81,7 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str, ipc: int = IP
 
     channel, im_size, num_classes = data.channel, data.im_size, data.num_classes
     images_all = data.images_train
-    indices_class = [[] for _ in range(num_classes)]
-    for i, lab in enumerate(data.labels_train.tolist()):
-        indices_class[lab].append(i)
+    indices_class = [(data.labels_train == c).nonzero().flatten().tolist() for c in range(num_classes)]
     args = SimpleNamespace(device="cpu", dis_metric="ours", batch_real=256, batch_train=256, lr_net=0.01, ipc=ipc,
                            dsa_param=ref.ParamDiffAug(),
                            dsa=method != "DC" and dsa_strategy not in ("none", "None"),
@@ -139,15 +92,14 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str, ipc: int = IP
         idx_shuffle = np.random.permutation(indices_class[c])[:n]
         return images_all[idx_shuffle]
 
-    syn_param = _one_image_param(ref) if ipc == 1 else args.dsa_param
+    class OneImageParam(ref.ParamDiffAug):               # Siamese stays False: on one image it changes nothing
+        Siamese = property(lambda self: False, lambda self, value: None)
+    syn_param = OneImageParam() if ipc == 1 else args.dsa_param
 
     def siamese(img_real, img_syn):
-        """The reference's DSA call pair, with the two adaptations it needs on torch 2.x for one-channel
-        images: 1. at ipc 1 its siamese broadcast ``t[:] = t[0]`` on a one-image batch (a no-op) is
-        refused ("... refer to a single memory location"), so the synthetic call gets a ParamDiffAug
-        whose Siamese flag stays False (same seed: it draws what the real batch's first sample draws);
-        2. its crop returns channels-last strides, which make its ConvNet's ``out.view(...)`` fail, so
-        the batches get row-major strides back (the inner loop's call: ``_row_major_diffaugment``)."""
+        """The reference's DSA call pair, adapted for one-channel images on torch 2.x: its siamese
+        ``t[:] = t[0]`` on a one-image batch is refused (hence ``syn_param``), and its crop's
+        channels-last strides break its ConvNet's ``out.view`` (hence ``_plain_strides``)."""
         seed = int(time.time() * 1000) % 100000
         img_real = ref.DiffAugment(img_real, args.dsa_strategy, seed=seed, param=args.dsa_param)
         img_syn = ref.DiffAugment(img_syn, args.dsa_strategy, seed=seed, param=syn_param)
@@ -188,8 +140,7 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str, ipc: int = IP
     def dm_iteration():                                   # main_DM.py, one iteration, ConvNet branch
         net = ref.get_network("ConvNet", channel, num_classes, im_size)
         net.train()
-        for param in list(net.parameters()):
-            param.requires_grad = False
+        net.requires_grad_(False)                        # its loop over net.parameters()
         embed = net.embed
         loss = torch.tensor(0.0).to(args.device)
         for c in range(num_classes):
@@ -215,13 +166,15 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str, ipc: int = IP
     optimizer_net = torch.optim.SGD(net.parameters(), lr=args.lr_net)
     optimizer_net.zero_grad()
     args.dc_aug_param = None                              # main.py mutes DC augmentation in the inner loop
+    real_diff_augment = ref.DiffAugment
+    row_major = lambda *a, **k: _plain_strides(real_diff_augment(*a, **k))
 
     def inner_loop():                                     # main.py, "update network", between two outer steps
         image_syn_train, label_syn_train = copy.deepcopy(image_syn.detach()), copy.deepcopy(label_syn.detach())
         dst_syn_train = torch.utils.data.TensorDataset(image_syn_train, label_syn_train)
         trainloader = torch.utils.data.DataLoader(dst_syn_train, batch_size=args.batch_train, shuffle=True,
                                                   num_workers=0)
-        with _row_major_diffaugment(ref):
+        with mock.patch.object(ref, "DiffAugment", row_major):   # its epoch calls DiffAugment by name
             for il in range(args.inner_loop):
                 ref.epoch("train", trainloader, net, optimizer_net, criterion, args, aug=True if args.dsa else False)
 
@@ -229,9 +182,8 @@ def reference_iteration(ref, method: str, data, dsa_strategy: str, ipc: int = IP
 
 
 def reference_evaluation(ref, kind: str, data):
-    """``{"iter": fn}``: the reference's ``evaluate_synset`` (``EVAL``: 300 epochs, then its test pass) or
-    its test pass alone (``TEST``: ``epoch('test', ...)``, gradients enabled as it leaves them), with
-    its test loader as its ``main.py`` makes it (batch 256, no shuffling, no workers)."""
+    """``{"iter": fn}``: its ``evaluate_synset`` (EVAL) or ``epoch('test', ...)`` (TEST, gradients enabled as
+    it leaves them), on a test loader as its main.py makes it."""
     import io
     import torch
     import torch.nn as nn
@@ -254,10 +206,6 @@ def reference_evaluation(ref, kind: str, data):
 
 
 # --------------------------------------------------------------------------- measuring
-def summary(times: list) -> dict:
-    return {"times": times, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
-
-
 def jobs(methods: list, ipcs: list) -> list:
     """(method, ipc) pairs to time: DC, DSA and DM at every ipc; TEST and EVAL (ipc 1) once."""
     return ([(m, ipc) for ipc in ipcs for m in methods if m in ("DC", "DSA", "DM")]
@@ -266,21 +214,21 @@ def jobs(methods: list, ipcs: list) -> list:
 
 def git_revision(path: str) -> str | None:
     try:
-        return subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    except OSError:                                       # no git on this machine
         return None
+    return out.strip() or None
 
 
 def sides_of(method: str, ipc: int, args, ref, data, device) -> dict:
-    """{side: {part: fn}} of one row: ours, the reference, and the optional sides asked for."""
-    sides = {"ours": ours_side(method, data, device, args.dsa_strategy, ipc, args.ops)}
+    """{side: {part: fn}} of one row: ours, the optional sides asked for, the reference."""
+    sides = {"ours": ours_side(method, data, device, DSA_STRATEGY, ipc, args.ops)}
     if args.bf16 and method in ("DC", "DSA"):
-        sides["ours_bf16"] = ours_side(method, data, device, args.dsa_strategy, ipc, args.ops, "bf16")
+        sides["ours_bf16"] = ours_side(method, data, device, DSA_STRATEGY, ipc, args.ops, "bf16")
     if args.compile and method in ("DM", "TEST", "EVAL"):
-        sides["ours_compiled"] = ours_side(method, data, device, args.dsa_strategy, ipc, args.ops, compiled=True)
+        sides["ours_compiled"] = ours_side(method, data, device, DSA_STRATEGY, ipc, args.ops, compiled=True)
     sides["reference"] = (reference_evaluation(ref, method, data) if method in ("TEST", "EVAL")
-                          else reference_iteration(ref, method, data, args.dsa_strategy, ipc))
+                          else reference_iteration(ref, method, data, DSA_STRATEGY, ipc))
     return sides
 
 
@@ -289,47 +237,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reference_dir", help=f"a clone of the public reference code ({CLONE})")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="condensation iterations (DC, DSA, DM), the test pass over 10,000 images (TEST), one "
-                        "whole evaluation, 300 epochs + test pass (EVAL)")
-    p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10],
-                   help="images per class of the DC, DSA and DM iterations (TEST and EVAL: ipc 1)")
+                   help="iterations (DC, DSA, DM), the test pass (TEST), one evaluation at ipc 1 (EVAL)")
+    p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10], help="images per class of the iterations")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per side (after one warm-up)")
     p.add_argument("--num_threads", type=int, default=2)
-    p.add_argument("--dsa_strategy", default="color_crop_cutout_flip_scale_rotate",
-                   help="DSA transforms of the DSA and DM iterations, both sides")
     p.add_argument("--ops", choices=["fast", "plain"], default="fast",
                    help="our side's layers: fast (the scripts' default) or plain (torch's, as the reference)")
-    p.add_argument("--compile", action="store_true",
-                   help="DM, TEST and EVAL: also time ours with the scripts' --compile (side compiled)")
-    p.add_argument("--bf16", action="store_true",
-                   help="DC and DSA: also time ours with --precision bf16 (side bf16; faster than fp32 only on a CPU "
-                        "with avx512_bf16 or AMX)")
+    p.add_argument("--compile", action="store_true", help="DM, TEST and EVAL: also ours under --compile")
+    p.add_argument("--bf16", action="store_true", help="DC and DSA: also ours under --precision bf16")
     p.add_argument("--out", default=os.path.join("results", "bench", "reference.json"))
     args = p.parse_args(argv)
     if not args.reference_dir:
-        print(f"error: --reference_dir is required: the reference code is not part of this repository; "
-              f"get it with `{CLONE}` and pass --reference_dir PATH", file=sys.stderr)
-        return 2
+        p.error(f"--reference_dir is required: the reference code is not part of this repository; get it "
+                f"with `{CLONE}` and pass --reference_dir PATH")
     ref_dir = os.path.abspath(args.reference_dir)
     if not os.path.isfile(os.path.join(ref_dir, "utils.py")):
-        print(f"error: no utils.py in {ref_dir}; --reference_dir must be a clone made with `{CLONE}`",
-              file=sys.stderr)
-        return 2
+        p.error(f"no utils.py in {ref_dir}; --reference_dir must be a clone made with `{CLONE}`")
     if args.repeats < 1 or args.num_threads < 1 or min(args.ipcs) < 1:
-        print("error: --ipcs, --repeats and --num_threads must be >= 1", file=sys.stderr)
-        return 2
+        p.error("--ipcs, --repeats and --num_threads must be >= 1")
 
     import torch
     import dcbs.condense  # noqa: F401  (binds our `networks` before the reference's is imported)
     from dcbs.matching import get_loops
-    from dcbs.perf import tune_allocator
 
-    tune_allocator()
-    torch.set_num_threads(args.num_threads)
+    device, t0 = setup_torch(p, "cpu", args.num_threads), time.time()
     ref = load_reference(ref_dir)
     for msg in ("torch.meshgrid", "Default grid_sample", "Default upsampling"):
         warnings.filterwarnings("ignore", message=msg)     # the reference's DiffAugment, every call
-    device, t0 = torch.device("cpu"), time.time()
     data = _data(SHAPE, device)
     print(f"reference: {ref.__file__}; ours with --ops {args.ops}; {torch.get_num_threads()} threads", flush=True)
 
@@ -337,11 +271,9 @@ def main(argv=None):
     for method, ipc in jobs(args.methods, args.ipcs):
         sides = sides_of(method, ipc, args, ref, data, device)
         fns = {(side, part): fn for side, parts in sides.items() for part, fn in parts.items()}
-        for fn in fns.values():
-            fn()                                            # warm-up: allocator, oneDNN primitives, compilation
         times = interleaved(fns, device, args.repeats)
         row = {"method": method, "ipc": ipc, "shape": SHAPE,
-               "dsa_strategy": args.dsa_strategy if method in ("DSA", "DM") else "none"}
+               "dsa_strategy": DSA_STRATEGY if method in ("DSA", "DM") else "none"}
         for side, parts in sides.items():
             if "iter" in parts:
                 row[side] = summary(times[side, "iter"])
@@ -350,19 +282,16 @@ def main(argv=None):
                 row[side] = {**summary(compose({p: times[side, p] for p in parts}, outer)),
                              "composed": f"{outer} x match + {outer - 1} x inner",
                              "parts": {p: summary(times[side, p]) for p in parts}}
-        for side, (name, key) in SIDES.items():
-            if key and side in row:
-                row[key] = row[side]["median_s"] / row["reference"]["median_s"]
+        row.update({RATIO[s]: row[s]["median_s"] / row["reference"]["median_s"] for s in sides if s in RATIO})
         rows.append(row)
         print(f"{method} ipc {ipc}: " + ", ".join(
-            f"{SIDES[s][0]} {row[s]['median_s']:.3f} s ({row[s]['min_s']:.2f}-{row[s]['max_s']:.2f})" for s in sides)
-            + "; speed-up over the reference: "
-            + ", ".join(f"{SIDES[s][0]} {1 / row[SIDES[s][1]]:.2f}x" for s in sides if SIDES[s][1]), flush=True)
+            f"{s} {row[s]['median_s']:.3f} s ({row[s]['min_s']:.2f}-{row[s]['max_s']:.2f})" for s in sides)
+            + "; speed-up over the reference: " + ", ".join(f"{s} {1 / row[RATIO[s]]:.2f}x" for s in RATIO if s in sides),
+            flush=True)
 
     write_report(args.out, t0, {"rows": rows}, ops=args.ops, compile=args.compile, bf16=args.bf16,
                  threads=torch.get_num_threads(), repeats=args.repeats, warmup=1, interleaved=True,
-                 reference_dir=ref_dir, reference_revision=git_revision(ref_dir),
-                 argv=sys.argv[1:] if argv is None else list(argv))
+                 reference_dir=ref_dir, reference_revision=git_revision(ref_dir), argv=argv)
     print(f"\nwritten {args.out} ({time.time() - t0:.0f} s)")
     return 0
 

@@ -1,31 +1,19 @@
 """Speed of our condensation iterations and evaluation along several paths, side by side.
 
-A path is ``kernel/layers[/bf16]``:
+A path is ``kernel/layers[/bf16]``: ``loop/plain`` (the per-class loop with torch's layers, as the
+reference code: the straightforward path, the speed-ups' baseline), ``loop/fast`` (the default layers),
+``batched/...`` (``--kernel batched``; a default path on CUDA only), ``.../bf16`` (``--precision bf16``)
+and, with ``--compile``, ``compiled/fast``. Cases: one DC, DSA, DM and BS (uneven clusters) iteration,
+one evaluation and the 10,000-image test pass on random data with the datasets' shapes; the paths of a
+case are warmed up once each, then timed in turn (a, b, a, b, ...). Figures: docs/performance.md.
 
-* ``loop/plain`` - the straightforward path: the per-class loop with torch's own layers, as the
-  public reference code builds them; speed-ups are over it;
-* ``loop/fast`` - the default: the same loop with the fast layers (``--ops fast``, dcbs/fast_ops.py);
-* ``batched/fast`` - all classes in one vmapped pass (``--kernel batched``); a default path on CUDA only;
-* ``/bf16`` - the same under ``--precision bf16`` (DC/DSA/BS iterations only);
-* ``compiled/fast`` - with ``--compile``: the scripts' ``--compile``, for DM iterations and the test pass.
-
-It times one iteration of DC, DSA, DM and BS (Batch Sampling over uneven clusters, DC matching),
-one evaluation (the protocol's epochs, then the 10,000-image test pass) and the test pass alone, on
-random tensors with the datasets' shapes. The paths of one (what, method, shape, ipc) are warmed
-up once each, then timed in turn (a, b, a, b, ...), so that a machine whose speed drifts slows
-them alike. A DC/DSA/BS iteration at ipc 10 (10 synthetic updates with a 50-epoch inner loop
-between each two) is timed in its two parts and composed as ``10 x update + 9 x inner loop``.
-
-    python benchmarks/bench_speed.py                       # the full table
+    python benchmarks/bench_speed.py --num_threads 2 --compile        # the CPU table
     python benchmarks/bench_speed.py --device cuda --ipcs 1 10 50
-    python benchmarks/bench_speed.py --shapes FashionMNIST --ipcs 1 --methods DC --paths loop/plain loop/fast
-
-Prints medians (min-max), the speed-up over loop/plain and, on CUDA, peak GPU memory; writes
-them as JSON (``--out``). Run it on an otherwise idle machine.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -45,7 +33,7 @@ STRAIGHTFORWARD = "loop/plain"
 
 # --------------------------------------------------------------------------- shared with the other benchmarks
 def _data(shape: str, device):
-    """Random tensors with a dataset's shape: 10 classes, its training and test set sizes."""
+    """Random tensors with a dataset's shape, 10 classes and its training and test set sizes."""
     import torch
     from dcbs.data import RealData
     channel, im_size, per_class, n_test = SHAPES[shape]
@@ -66,7 +54,10 @@ def _sync(device):
 
 
 def interleaved(fns: dict, device, repeats: int) -> dict:
-    """Seconds per call of each function, timed in turn: a, b, a, b, ... (warm-up is the caller's)."""
+    """Seconds per call of each function: one untimed warm-up call each (allocator, oneDNN primitives,
+    compilation), then ``repeats`` calls timed in turn: a, b, a, b, ..."""
+    for fn in fns.values():
+        fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -78,34 +69,43 @@ def interleaved(fns: dict, device, repeats: int) -> dict:
     return times
 
 
+def summary(times: list) -> dict:
+    return {"times": times, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
 def compose(times: dict, outer: int) -> list:
     """Seconds of whole DC/DSA iterations from their parts' repetitions ("match", "inner"), paired:
     ``outer`` synthetic updates with an inner loop between each two (main.py stops after the last)."""
     return [outer * m + (outer - 1) * i for m, i in zip(times["match"], times["inner"], strict=True)]
 
 
-def write_report(out: str, t0: float, body: dict, **meta) -> None:
-    """Writes ``{"meta": ..., **body}`` to ``out``; meta gets date, machine, torch and wall time too."""
+def write_report(out: str, t0: float, body: dict, argv=None, **meta) -> None:
+    """Writes ``{"meta": ..., **body}`` to ``out``; meta gets date, machine, torch, argv and wall time too."""
     import torch
     from dcbs.io import atomic_write_json
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, **meta, "wall_s": time.time() - t0}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, **meta, "argv": sys.argv[1:] if argv is None else list(argv),
+            "wall_s": time.time() - t0}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_json(out, {"meta": meta, **body})
 
 
+def setup_torch(p: argparse.ArgumentParser, device: str, num_threads: int | None):
+    """The scripts' allocator settings and ``num_threads``; refuses CUDA where there is none."""
+    import torch
+    from dcbs.perf import tune_allocator
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available")
+    tune_allocator()
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    return torch.device(device)
+
+
 # --------------------------------------------------------------------------- what a case times
-def case_fns(case: dict, data, device) -> tuple[dict, int]:
-    """``({"iter": fn}, 1)`` for an iteration at ipc 1, a DM iteration, an evaluation or a test pass;
-    ``({"match": one synthetic update, "inner": one inner loop}, outer_loop)`` for DC/DSA/BS at ipc > 1.
-    Iteration callables carry the network and synthetic images they update (``.net``, ``.image_syn``)."""
-    if case["kind"] == "iter":
-        return _iteration_fns(case, data, device)
-    return {"iter": _evaluation_fn(case, data, device)}, 1
-
-
 def _uneven_clusters(data, k: int = 20):
-    """k clusters per class of uneven sizes, as K-Means gives (about 50 to 500 of 5000)."""
+    """k clusters per class of uneven sizes, as K-Means gives."""
     import torch
     g = torch.Generator().manual_seed(1)
     out = []
@@ -117,7 +117,12 @@ def _uneven_clusters(data, k: int = 20):
     return out
 
 
-def _iteration_fns(case, data, device) -> tuple[dict, int]:
+def case_fns(case: dict, data, device) -> tuple[dict, int]:
+    """``({"iter": fn}, 1)``, or ``({"match": one synthetic update, "inner": one inner loop}, outer_loop)``
+    for DC/DSA/BS at ipc > 1 (composed as ``outer x match + (outer - 1) x inner``); iteration
+    callables carry ``.net`` and ``.image_syn``, which they update."""
+    if case["kind"] != "iter":
+        return {"iter": _evaluation_fn(case, data, device)}, 1
     import torch
     import dcbs.condense as cd
     from dcbs import matching
@@ -129,7 +134,6 @@ def _iteration_fns(case, data, device) -> tuple[dict, int]:
     base = "DC" if method == "BS" else method
     outer, inner = matching.get_loops(ipc) if base != "DM" else (1, 0)
     compiled = case["kernel"] == "compiled"              # the loop kernel with --compile (DM)
-    # outer_loop 1: a whole iteration at ipc 1, one synthetic update of a composed one
     cfg = SimpleNamespace(ipc=ipc, outer_loop=1, inner_loop=inner, batch_real=256, batch_train=256, lr_net=0.01,
                           dsa_strategy=case.get("dsa_strategy") or (DSA_STRATEGY if base == "DSA" else "none"),
                           seed=0, dis_metric="ours", kernel="loop" if compiled else case["kernel"], method=base,
@@ -141,13 +145,11 @@ def _iteration_fns(case, data, device) -> tuple[dict, int]:
     label_syn = torch.arange(10, device=device).repeat_interleave(ipc)
     opt = torch.optim.SGD([image_syn], lr=1.0 if base == "DM" else 0.1, momentum=0.5)
     dsa_param = ParamDiffAug()
-    names = [n for n, _ in net.named_parameters()]
-    state = {"it": 0}
+    names, its = [n for n, _ in net.named_parameters()], itertools.count()
 
     def one_step():
-        ctx = cd.StepContext(cfg, data, sampler, ClassSampler(data.indices_class, 3), 0, state["it"], device,
+        ctx = cd.StepContext(cfg, data, sampler, ClassSampler(data.indices_class, 3), 0, next(its), device,
                              dsa_param, cd.Diagnostics(names))
-        state["it"] += 1
         cd.STEPS[base](net, image_syn, label_syn, opt, ctx)
 
     fns = {"iter": one_step}
@@ -195,7 +197,7 @@ def path_of(case: dict) -> str:
 
 
 def plan(args) -> list[dict]:
-    """The cases, grouped by (kind, method, shape, ipc) in this order; bf16 applies to DC/DSA/BS iterations."""
+    """The cases in (kind, method, shape, ipc) order; bf16 applies to DC/DSA/BS iterations."""
     paths = [(*p.split("/"), "fp32")[:3] for p in (args.paths or DEFAULT_PATHS[args.device])]
     cases = []
     for shape in args.shapes:
@@ -222,31 +224,24 @@ def plan(args) -> list[dict]:
 
 
 def groups(cases: list[dict]) -> list[list[dict]]:
-    """The cases timed together: all paths of one (kind, method, shape, ipc), in plan order."""
-    out = {}
-    for c in cases:
-        out.setdefault((c["kind"], c["method"], c["shape"], c["ipc"]), []).append(c)
-    return list(out.values())
+    """The cases timed together: all paths of one (kind, method, shape, ipc), consecutive in plan order."""
+    return [list(g) for _, g in itertools.groupby(cases, lambda c: (c["kind"], c["method"], c["shape"], c["ipc"]))]
 
 
 def run_group(cases: list[dict], data, device, repeats: int) -> list[dict]:
-    """One row per case: each path warmed up once (allocator, oneDNN primitives, compilation), then all
-    timed in turn; ``speedup`` is the straightforward path's median over the row's (for an evaluation,
-    whose kernel is "-": the plain layers'); on CUDA, the group's peak GPU memory."""
+    """One row per case, each warmed up once then all timed in turn; ``speedup``: loop/plain's median
+    (an evaluation's: -/plain's) over the row's; on CUDA the group's peak GPU memory."""
     import torch
     built = [case_fns(c, data, device) for c in cases]
     fns = {(i, part): fn for i, (parts, _) in enumerate(built) for part, fn in parts.items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for fn in fns.values():
-        fn()
     times = interleaved(fns, device, repeats)
     rows = []
     for i, (c, (parts, outer)) in enumerate(zip(cases, built)):
         t = {p: times[i, p] for p in parts}
         ts = t["iter"] if outer == 1 else compose(t, outer)
-        rows.append({**c, "path": path_of(c), "times": ts, "median_s": statistics.median(ts), "min_s": min(ts),
-                     "max_s": max(ts), "n": len(ts)})
+        rows.append({**c, "path": path_of(c), **summary(ts), "n": len(ts)})
         if outer > 1:
             rows[-1].update(match_s=statistics.median(t["match"]), inner_loop_s=statistics.median(t["inner"]))
         if device.type == "cuda":
@@ -272,10 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["DC", "DSA", "DM", "BS"], choices=["DC", "DSA", "DM", "BS"])
     p.add_argument("--ipcs", nargs="+", type=int, default=[1, 10])
     p.add_argument("--paths", nargs="+", default=None, choices=PATHS,
-                   help=f"kernel/layers[/bf16]; speed-ups are over {STRAIGHTFORWARD} (default: "
-                        f"{' '.join(DEFAULT_PATHS['cpu'])}, and batched/fast on CUDA)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per case after one warm-up "
-                                                          "(an evaluation: half as many)")
+                   help=f"speed-ups are over {STRAIGHTFORWARD} (default: {' '.join(DEFAULT_PATHS['cpu'])}, on CUDA "
+                        f"also batched/fast)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up (evaluation: half)")
     p.add_argument("--num_threads", type=int, default=None)
     p.add_argument("--no_eval", action="store_true", help="skip the evaluation and the test pass")
     p.add_argument("--compile", action="store_true",
@@ -293,16 +287,9 @@ def main(argv=None):
         p.error("--compile times the test pass and DM iterations, and --no_eval skips the test pass: "
                 "drop --no_eval or add DM to --methods")
     import torch
-    from dcbs.perf import tune_allocator
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but CUDA is not available")
-    tune_allocator()
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    device, cases, t0 = torch.device(args.device), plan(args), time.time()
+    device, cases, t0 = setup_torch(p, args.device, args.num_threads), plan(args), time.time()
     meta = dict(device=args.device, gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
-                threads=torch.get_num_threads(), repeats=args.repeats,
-                argv=sys.argv[1:] if argv is None else list(argv))
+                threads=torch.get_num_threads(), repeats=args.repeats, argv=argv)
     print(f"{len(cases)} cases on {args.device}, {torch.get_num_threads()} threads; speed-up over {STRAIGHTFORWARD}, "
           f"the paths of each (what, method, shape, ipc) interleaved")
     head = (f"{'what':<10}{'method':<7}{'shape':<13}{'ipc':>4} {'path':<18}{'median s':>9} {'min-max':>15}"

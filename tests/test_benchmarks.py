@@ -68,7 +68,7 @@ def test_bench_speed_times_the_plain_and_the_fast_path_side_by_side(tmp_path, mo
         ("iter", "DM", "loop/plain", "plain", 2), ("iter", "DM", "loop/fast", "fast", 2)]
     assert [r["speedup"] for r in rows[::2]] == [1.0, 1.0] and all(r["speedup"] > 0 for r in rows)
     assert all(len(r["times"]) == r["n"] and r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
-    assert report["meta"]["device"] == "cpu"
+    assert report["meta"]["device"] == "cpu" and report["meta"]["cpu_capability"]      # the instruction set torch uses
     printed = capsys.readouterr().out
     assert "speed-up over loop/plain" in printed and printed.count("loop/fast") == 2
 
