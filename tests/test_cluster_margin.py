@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
 
-import main_cluster as mc  # noqa: E402
+from dcbs import cluster_cli as mc  # noqa: E402
 from dcbs import clusters as cl  # noqa: E402
 from dcbs import extractor as ex  # noqa: E402
 from conftest import run_cli  # noqa: E402

@@ -62,8 +62,8 @@ def test_draws_every_figure_it_names(smoke):
 
 
 def test_the_commands_it_ran_are_the_scripts_own(smoke):
-    import main_cluster
-    import plot_runs
+    from dcbs import cluster_cli as main_cluster
+    from dcbs import plot_cli as plot_runs
     from dcbs.config import build_parser, resolve
     path, r = smoke
     with open(path / "demo.json", encoding="utf-8") as f:
@@ -144,7 +144,7 @@ def test_a_run_another_process_writes_is_refused(tmp_path):
 
 
 def test_readme_starts_with_the_demo():
-    import reproduce
+    from dcbs import reproduce_cli as reproduce
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
     setup = text.split("## Set-up", 1)[1]

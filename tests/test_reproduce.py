@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, run_cli
 
 sys.path.insert(0, ROOT)
-import reproduce  # noqa: E402
+from dcbs import reproduce_cli as reproduce  # noqa: E402
 from dcbs import sweep, tables  # noqa: E402
 from dcbs.sweep import Cell, Settings, SweepError  # noqa: E402
 
