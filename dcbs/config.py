@@ -125,7 +125,8 @@ def build_parser(default_sampler: str = "class") -> argparse.ArgumentParser:
     a("--load_syn", metavar="FILE", help="evaluate a saved synthetic set (.pt) instead of condensing")
     g = p.add_argument_group("real-batch sampler (dcbs/samplers.py)")
     a = g.add_argument
-    a("--sampler", choices=list(SAMPLERS), help=f"where each class's real batch comes from (default {default_sampler}): "
+    a("--sampler", choices=list(SAMPLERS),
+      help=f"where each class's real batch comes from (default {default_sampler}): "
       "class = random images of the class (DC); cluster = one random feature cluster (Batch Sampling); "
       "stratified = one image from each of batch_real K-Means clusters; representative = the image nearest "
       "each of batch_real K-Means centres (DREAM); pruned = the class without its hardest images")
@@ -219,14 +220,16 @@ def validate(cfg: dict) -> None:
     need(cfg["candidates"] is None or cfg["candidates"] >= 1, "--candidates must be at least 1")
     need(0 <= cfg["prune_hard"] < 1, f"--prune_hard must be in [0, 1) (got {cfg['prune_hard']})")
     files = {"cluster_model", "cluster_path", "cluster_file"}
-    owners = {"cluster": files | {"layer_idx", "num_cluster", "norm", "margin", "cluster_weighting", "mix", "mix_after"},
+    owners = {"cluster": files | {"layer_idx", "num_cluster", "norm", "margin", "cluster_weighting", "mix",
+                                  "mix_after"},
               "stratified": files | {"layer_idx", "num_cluster"},
               "representative": files | {"layer_idx", "rep_embed", "rep_partitions", "candidates", "interval"},
               "pruned": files | {"prune_hard"}}
     stray = sorted(k for k in set().union(*owners.values()) - owners.get(sampler, set()) if k in cfg["explicit"])
     one = len(stray) == 1
     need(not stray, f"--{', --'.join(stray)} {'does' if one else 'do'} not apply to --sampler {sampler}: drop "
-                    f"{'it' if one else 'them'}, or pick the sampler {'it belongs' if one else 'they belong'} to (see -h)")
+                    f"{'it' if one else 'them'}, or pick the sampler "
+                    f"{'it belongs' if one else 'they belong'} to (see -h)")
     if "mix_after" in cfg["explicit"]:
         need(cfg["mix"], "--mix_after has no effect without --mix: add --mix or drop --mix_after")
     if cfg["mix"]:
