@@ -12,6 +12,12 @@ os.environ.setdefault("DCBS_NO_DOWNLOAD", "1")
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per usable core (the container's, not the host's), at most 8:
+    every worker holds its own torch and test data."""
+    return max(1, min(len(os.sched_getaffinity(0)), 8))
+
+
 # torch.compile (--compile) on the CPU: inductor builds C++ kernels
 needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                reason="torch.compile on the CPU needs a C++ compiler")

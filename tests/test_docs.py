@@ -22,7 +22,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 MAX_README_BYTES = 15_000
-TEST_COMMAND = "python -m pytest -q tests"     # .ci/run runs exactly this
+TEST_COMMAND = "python -m pytest -q -n auto tests"     # .ci/run runs exactly this
 
 
 def _read(path: str) -> str:
@@ -75,17 +75,17 @@ def _parse_main(argv, default_sampler):
 
 
 def _parse_cluster(argv):
-    import main_cluster
+    from dcbs import cluster_cli as main_cluster
     main_cluster.build_parser().parse_args(argv)
 
 
 def _parse_plot_runs(argv):
-    import plot_runs
+    from dcbs import plot_cli as plot_runs
     plot_runs.build_parser().parse_args(argv)
 
 
 def _parse_reproduce(argv):
-    import reproduce
+    from dcbs import reproduce_cli as reproduce
     from dcbs.config import build_parser
     extra = []
     if "--" in argv:
@@ -175,9 +175,9 @@ def _refused(cmds) -> list[str]:
 
 
 def _all_option_strings() -> set[str]:
-    import main_cluster
-    import plot_runs
-    import reproduce
+    from dcbs import cluster_cli as main_cluster
+    from dcbs import plot_cli as plot_runs
+    from dcbs import reproduce_cli as reproduce
     from dcbs.config import build_parser
     parsers = [build_parser(False), build_parser(True), main_cluster.build_parser(), plot_runs.build_parser(),
                reproduce.build_parser(), reproduce.build_aggregate_parser(), reproduce.build_figures_parser(),
