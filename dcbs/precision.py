@@ -14,7 +14,7 @@ their gradient (the quantity being optimised), the matching loss, DM, evaluation
 pass. The ConvNet's fused first block (``dcbs.fast_ops.conv_instance_norm``) computes its
 instance norm statistics in fp32 under autocast too.
 
-Its speed and its accuracy on a real-data gradient: docs/performance.md. On CPUs without native
+Its speed: docs/performance.md; its accuracy against fp32: results/README.md (accuracy guards). On CPUs without native
 bf16 instructions (no avx512_bf16 / AMX) autocast emulates bf16 and is slower than fp32: ``check``
 warns. On CUDA it needs a GPU with bf16 (Ampere or newer).
 """
