@@ -1,4 +1,5 @@
-"""reproduce.py's command line: the sweep of the paper's tables and its subcommands (aggregate, figures, demo).
+"""reproduce.py's command line: the sweep of the paper's tables and its subcommands (aggregate, figures, study,
+demo).
 
 ``main`` dispatches on the first word and returns the exit code (0; 1 when a job failed; 2 on a bad setting;
 130 when interrupted). The usage text is reproduce.py's docstring; the grids and executors are dcbs/sweep.py's.
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("what", choices=WHAT, help="table1: DC, DSA, BS(DC) k=20 layer 3; table2: BS k 5-25 layer 2 + DC; "
                                  "table3: BS layer 0-3 k=20 + DC; all: the three; samplers: DC with every real-batch "
                                  "sampler (class, cluster, stratified, representative, pruned; results/samplers.md) "
-                                 "(also: 'aggregate', 'figures' and 'demo', each with its own -h)")
+                                 "(also: 'aggregate', 'figures', 'study' and 'demo', each with its own -h)")
     a("--dataset", choices=list(DATASETS), default=None,
       help="dataset (default CIFAR10, or the preset's own dataset: digits for demo and smoke)")
     a("--data_path", default="data", help="torchvision root or ImageFolder tree, passed to every run")
@@ -120,6 +121,40 @@ def run_figures(argv) -> int:
         return 2
     for path in paths:
         print(path)
+    return 0
+
+
+def build_study_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="reproduce.py study",
+                description="The sampler study (results/samplers.md) from run directories: per dataset, ipc and "
+                            "preset each sampler's accuracy over seeds and its paired difference with DC, seed by "
+                            "seed; accuracy per evaluation iteration; cost per iteration. Prints the markdown.")
+    p.add_argument("--save_path", nargs="+", default=[os.path.join("results", "real", "samplers")],
+                   help="folders of run directories")
+    p.add_argument("--out", help="also write the markdown to this file (atomically)")
+    p.add_argument("--figures", metavar="DIR", help="folder of the PNG files: accuracy against iteration and "
+                                                    "against condensation time, one per dataset and ipc")
+    return p
+
+
+def run_study(argv) -> int:
+    from dcbs.io import atomic_write_text
+    from dcbs.study import collect, plot, render_markdown
+    args = build_study_parser().parse_args(argv)
+    missing = [p for p in args.save_path if not os.path.isdir(p)]
+    if len(missing) == len(args.save_path):
+        raise SweepError(f"--save_path {' '.join(missing)}: no such folder")
+    records = collect(args.save_path)
+    figures = plot(records, args.figures) if args.figures else []
+    md = render_markdown(records, args.save_path, figures=figures)
+    print(md)
+    if args.out:
+        atomic_write_text(args.out, md)
+    done = sum(r.done for r in records)
+    for path in [args.out] * bool(args.out) + figures:
+        print(path, file=sys.stderr)
+    print(f"{done} finished and {len(records) - done} unfinished run(s) read from {', '.join(args.save_path)}",
+          file=sys.stderr)
     return 0
 
 
@@ -273,6 +308,10 @@ def main(argv=None) -> int:
             if extra:
                 raise SweepError("figures takes no flags after '--'")
             return run_figures(argv[1:])
+        if argv[:1] == ["study"]:
+            if extra:
+                raise SweepError("study takes no flags after '--'")
+            return run_study(argv[1:])
         return run_sweep(argv, extra)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
