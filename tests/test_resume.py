@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -103,7 +104,9 @@ def test_resume_refuses_changed_settings_and_lists_them(tmp_path):
     assert r.returncode == 0, r.stderr  # harmless or unchanged settings are allowed
 
 
-@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", os.urandom(512)])
+# fixed random bytes: the same test ids in every pytest-xdist worker
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", random.Random(0).randbytes(512)],
+                         ids=["truncated-zip", "random-bytes"])
 def test_truncated_or_foreign_checkpoint_is_refused_and_nothing_touched(tmp_path, content):
     p = start(tmp_path, "t")
     wait_for_checkpoint(tmp_path / "t", 0, 1, p)
