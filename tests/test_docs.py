@@ -100,6 +100,9 @@ def _parse_reproduce(argv):
     elif argv[:1] == ["demo"]:
         assert not extra, "demo takes no flags after '--'"
         reproduce.build_demo_parser().parse_args(argv[1:])
+    elif argv[:1] == ["study"]:
+        assert not extra, "study takes no flags after '--'"
+        reproduce.build_study_parser().parse_args(argv[1:])
     else:
         reproduce.check_args(reproduce.build_parser().parse_args(argv))
         for default_sampler in ("class", "cluster"):           # flags after '--' go to main.py and main_BS.py runs
@@ -181,6 +184,7 @@ def _all_option_strings() -> set[str]:
     from dcbs.config import build_parser
     parsers = [build_parser(False), build_parser(True), main_cluster.build_parser(), plot_runs.build_parser(),
                reproduce.build_parser(), reproduce.build_aggregate_parser(), reproduce.build_figures_parser(),
+               reproduce.build_study_parser(),
                _bench_speed().build_parser()]
     return {s for p in parsers for a in p._actions for s in a.option_strings}
 
