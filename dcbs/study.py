@@ -59,8 +59,8 @@ class Record:
     seed: int
     done: bool
     accs: dict = field(default_factory=dict)     # iteration -> every model's accuracy (percent), all experiments
-    sec_per_it: float | None = None              # mean of diagnostics.csv's `seconds` (None: column absent)
-    sample_sec_per_it: float | None = None       # mean of its `sample_seconds` (None: column absent)
+    sec_per_it: float | None = None              # median of diagnostics.csv's `seconds` (None: column absent)
+    sample_sec_per_it: float | None = None       # median of its `sample_seconds` (None: column absent)
     cum_seconds: dict = field(default_factory=dict)   # iteration -> condensation seconds before its evaluation
     details: tuple = ()                          # the sampler's settings, written out (see _DETAILS)
 
@@ -116,9 +116,9 @@ def _timing(path: str, eval_its) -> tuple:
             continue
     rows = [by_key[k] for k in sorted(by_key)]
 
-    def mean_of(col):
+    def median_of(col):   # the median: one iteration of a suspended process must not move the cost
         vals = [v for v in (_float(r.get(col)) for r in rows) if v is not None]
-        return float(np.mean(vals)) if vals else None
+        return float(np.median(vals)) if vals else None
 
     cum = {}
     if rows and "seconds" in rows[0]:
@@ -133,7 +133,7 @@ def _timing(path: str, eval_its) -> tuple:
                     sums.append(sum(before))
             if sums:
                 cum[t] = float(np.mean(sums))
-    return mean_of("seconds"), mean_of("sample_seconds"), cum
+    return median_of("seconds"), median_of("sample_seconds"), cum
 
 
 def _details(cfg: dict) -> tuple:
@@ -442,7 +442,7 @@ def render_markdown(records, save_paths=(), baseline: str = "DC", figures=()) ->
              "- Accuracy: mean ± std (n − 1) over the seeds' means at the final iteration (it); in square brackets "
              "every model of every seed pooled, mean ± std (n).",
              "- s/iteration, sample s/iteration: diagnostics.csv's `seconds` (one condensation step, evaluation "
-             "excluded) and `sample_seconds` (drawing the real batches), mean over iterations, then over seeds; "
+             "excluded) and `sample_seconds` (drawing the real batches), median over iterations, mean over seeds; "
              f"{DASH} where a run's file has no such column.",
              f"- Rule (results/samplers.md, fixed before any seed ran): a gain counts when mean d ≥ "
              f"{GAIN_POINTS:g} point and mean d > {GAIN_SE:g} SE (marked **gain**).", ""]

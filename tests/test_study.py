@@ -209,3 +209,15 @@ def test_cli_refuses_a_missing_folder(tmp_path, capsys):
     assert reproduce_cli.main(["study", "--save_path", str(tmp_path / "nowhere")]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert reproduce_cli.main(["study", "--save_path", str(tmp_path), "--", "--seed", "1"]) == 2
+
+
+def test_one_suspended_iteration_does_not_move_the_cost(tmp_path):
+    root = str(tmp_path / "r")
+    path = write_run(root, "DC_CIFAR10_ipc1_study_s0", {5: [0.25, 0.27]}, 0, seconds=2.0, sample=0.1, rows=5)
+    rd = RunDir(path, lock=False)
+    rows = [{"exp": 0, "it": it, "loss": 1.0, "seconds": 2000.0 if it == 2 else 2.0, "sample_seconds": 0.1}
+            for it in range(5)]
+    rd.write_diagnostics(rows)
+    (rec,) = study.collect([root])
+    assert rec.sec_per_it == pytest.approx(2.0)          # a mean would say 401.6
+    assert rec.cum_seconds[5] == pytest.approx(2008.0)  # wall time keeps what was spent
