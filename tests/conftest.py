@@ -31,6 +31,28 @@ def run_cli(script, *args, timeout=600, env=None):
                           capture_output=True, text=True, timeout=timeout, env=e)
 
 
+def run_main(script, *args):
+    """main.py or main_BS.py in this process, for input they refuse before any training: both scripts
+    are ``sys.exit(main(argv, default_sampler))``, so this skips only the ~3 s start of a new Python.
+    Returns what run_cli returns (returncode, stdout, stderr)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+    from dcbs.cli import main
+    sampler = {"main.py": "class", "main_BS.py": "cluster"}[script]
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(ROOT)                      # as run_cli: relative defaults (checkpoints/, results/) under the repository
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main([str(a) for a in args], default_sampler=sampler)
+            except SystemExit as e:     # argparse's refusals
+                rc = e.code
+    finally:
+        os.chdir(cwd)
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def digits():
     from dcbs.data import load_data
