@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from dcbs import clusters as cl
-from dcbs.cmdline import ConfigError, Parser, pick_device, setup_logging
+from dcbs.cmdline import ConfigError, Parser, pick_device, resolve_class, setup_logging
 from dcbs import extractor as ex
 from dcbs import selection as sel
 from dcbs.data import DATASETS, DataError, load_data
@@ -88,17 +88,7 @@ def _positive(args, *names):
 
 
 def resolve_view_class(spec: str | None, class_names) -> int:
-    names = [str(n).lower() for n in class_names]
-    if spec is None:
-        return names.index("ship") if "ship" in names else 0
-    if spec.lstrip("-").isdigit():
-        c = int(spec)
-        if not 0 <= c < len(names):
-            raise ConfigError(f"--view_class {c} is out of range: the dataset has classes 0-{len(names) - 1}")
-        return c
-    if spec.lower() in names:
-        return names.index(spec.lower())
-    raise ConfigError(f"--view_class {spec!r} is not a class; use an index or one of: {', '.join(class_names)}")
+    return resolve_class(spec, class_names, "ship", "--view_class")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> str:

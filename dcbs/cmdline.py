@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 
-__all__ = ["Parser", "ConfigError", "pick_device", "setup_logging", "StopFlag"]
+__all__ = ["Parser", "ConfigError", "pick_device", "setup_logging", "StopFlag", "print_paths", "resolve_class"]
 
 
 class ConfigError(ValueError):
@@ -100,3 +100,34 @@ class StopFlag:
             signal.signal(s, h)
         self._old = {}
         return False
+
+
+def print_paths(make, errors) -> int:
+    """Runs ``make() -> paths`` and prints one path per line (exit 0); one of ``errors`` becomes a
+    one-line ``error:`` and exit 2."""
+    try:
+        paths = make()
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+def resolve_class(spec, class_names, default: str, flag: str, error=None) -> int:
+    """A class index from an index or a name (any case); None gives class ``default`` when the
+    dataset has it, else class 0. A bad value raises ``error`` (ConfigError) naming ``flag``."""
+    error = error or ConfigError
+    names = [str(n).lower() for n in class_names]
+    if spec is None:
+        return names.index(default) if default in names else 0
+    spec = str(spec)
+    if spec.lstrip("-").isdigit():
+        c = int(spec)
+        if not 0 <= c < len(names):
+            raise error(f"{flag} {c} is out of range: the dataset has classes 0-{len(names) - 1}")
+        return c
+    if spec.lower() in names:
+        return names.index(spec.lower())
+    raise error(f"{flag} {spec!r} is not a class; use an index or one of: {', '.join(map(str, class_names))}")

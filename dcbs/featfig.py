@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .clusters import embed_2d
+from .cmdline import resolve_class as _resolve_class
 from .io import atomic_write_json
 from .plots import PlotError, _pyplot, _save, _suffix
 from .seeding import generator
@@ -153,18 +154,7 @@ def feature_figure(runs, net: torch.nn.Module, data, class_idx: int, path: str, 
 
 def resolve_class(spec, class_names) -> int:
     """A class index from an index or a name; None gives the paper's class, cat (else class 0)."""
-    names = [str(n).lower() for n in class_names]
-    if spec is None:
-        return names.index("cat") if "cat" in names else 0
-    spec = str(spec)
-    if spec.lstrip("-").isdigit():
-        c = int(spec)
-        if not 0 <= c < len(names):
-            raise PlotError(f"--feature_class {c} is out of range: the dataset has classes 0-{len(names) - 1}")
-        return c
-    if spec.lower() in names:
-        return names.index(spec.lower())
-    raise PlotError(f"--feature_class {spec!r} is not a class; use an index or one of: {', '.join(map(str, class_names))}")
+    return _resolve_class(spec, class_names, "cat", "--feature_class", PlotError)
 
 
 def figure8(runs, checkpoint: str, out: str, name: str, class_spec=None, n_real: int = 1000, method: str = "tsne",

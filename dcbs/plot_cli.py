@@ -6,7 +6,7 @@ plot_runs.py's docstring, the drawing is dcbs/plots.py's and dcbs/featfig.py's.
 import argparse
 import sys
 
-from dcbs.cmdline import Parser
+from dcbs.cmdline import Parser, print_paths
 from dcbs.plots import PlotError, plot_runs
 
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     if given and not args.features:
         print(f"error: {', '.join(given)} apply to Figure 8; add --features CKPT or drop them", file=sys.stderr)
         return 2
-    try:
+    def make():
         paths = plot_runs(args.runs, out=args.out, name=args.name, exp=args.exp, smooth=args.smooth,
                           all_params=args.all_params, lines=not args.no_lines)
         if args.features:
@@ -48,10 +48,6 @@ def main(argv=None) -> int:
             paths += figure8(load_runs(args.runs, args.exp), args.features, args.out, args.name,
                              args.feature_class, args.feature_real, args.embedding, args.seed, args.exp,
                              args.data_path, args.feature_model, args.device, log=lambda m: print(m, file=sys.stderr))
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0
+        return paths
+    return print_paths(make, PlotError)
 

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from dcbs.cmdline import Parser
+from dcbs.cmdline import Parser, print_paths
 from dcbs import sweep
 from dcbs.sweep import SweepError
 
@@ -113,15 +113,9 @@ def run_figures(argv) -> int:
     from dcbs.figures import make_figures
     from dcbs.plots import PlotError
     args = build_figures_parser().parse_args(argv)
-    try:
-        paths = make_figures(args.save_path, args.out, args.features, args.feature_class, args.feature_real,
-                             args.dataset, args.smooth, args.device, log=lambda m: print(m, file=sys.stderr))
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0
+    return print_paths(lambda: make_figures(args.save_path, args.out, args.features, args.feature_class,
+                                            args.feature_real, args.dataset, args.smooth, args.device,
+                                            log=lambda m: print(m, file=sys.stderr)), PlotError)
 
 
 def build_study_parser() -> argparse.ArgumentParser:
@@ -295,23 +289,12 @@ def main(argv=None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
+    subcommands = {"aggregate": run_aggregate, "demo": run_demo, "figures": run_figures, "study": run_study}
     try:
-        if argv[:1] == ["aggregate"]:
+        if argv[:1] and argv[0] in subcommands:
             if extra:
-                raise SweepError("aggregate takes no flags after '--'")
-            return run_aggregate(argv[1:])
-        if argv[:1] == ["demo"]:
-            if extra:
-                raise SweepError("demo takes no flags after '--'")
-            return run_demo(argv[1:])
-        if argv[:1] == ["figures"]:
-            if extra:
-                raise SweepError("figures takes no flags after '--'")
-            return run_figures(argv[1:])
-        if argv[:1] == ["study"]:
-            if extra:
-                raise SweepError("study takes no flags after '--'")
-            return run_study(argv[1:])
+                raise SweepError(f"{argv[0]} takes no flags after '--'")
+            return subcommands[argv[0]](argv[1:])
         return run_sweep(argv, extra)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
