@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 
 BASE = ["--preset", "smoke", "--method", "DSA", "--Iteration", 6, "--eval_it", 0, 3, 6, "--num_eval", 1,
         "--num_exp", 2, "--ckpt_every", 1, "--ipc", 2, "--num_threads", 1,
@@ -122,7 +122,7 @@ def test_truncated_or_foreign_checkpoint_is_refused_and_nothing_touched(tmp_path
 
 
 def test_finished_run_is_not_resumed(tmp_path):
-    r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "f")
+    r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "f", "--batch_real", 16)
     assert r.returncode == 0, r.stderr
     r = run_cli("main.py", "--resume", tmp_path / "f")
     assert r.returncode == 2 and "finished" in r.stderr
@@ -140,17 +140,19 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not os.path.exists(tmp_path / "n" / "DONE")
 
 
-@pytest.mark.parametrize("script,extra,needle", [
-    ("main.py", ["--mix"], "--mix does not apply to --sampler class"),
-    ("main.py", ["--init", "real", "--ipc", 500], "--init real"),
-    ("main.py", ["--eval_it", 5, "--Iteration", 2], "--eval_it"),
-    ("main.py", ["--save_path", "/proc/nope"], "not writable"),
-    ("main_BS.py", ["--mix_after", 3], "--mix"),
-    ("main_BS.py", ["--mix", "--mix_after", 5, "--Iteration", 2], "never switch"),
-    ("main_BS.py", ["--num_cluster", 0], "--num_cluster"),
-])
-def test_invalid_flag_combinations_exit_before_training(tmp_path, script, extra, needle):
-    r = run_cli(script, "--preset", "smoke", "--save_path", tmp_path, *extra)
+# the first case of each script through the script itself, the others in this process (the scripts
+# only call dcbs.cli.main)
+@pytest.mark.parametrize("script,extra,needle,run", [
+    ("main.py", ["--mix"], "--mix does not apply to --sampler class", run_cli),
+    ("main.py", ["--init", "real", "--ipc", 500], "--init real", run_main),
+    ("main.py", ["--eval_it", 5, "--Iteration", 2], "--eval_it", run_main),
+    ("main.py", ["--save_path", "/proc/nope"], "not writable", run_main),
+    ("main_BS.py", ["--mix_after", 3], "--mix", run_cli),
+    ("main_BS.py", ["--mix", "--mix_after", 5, "--Iteration", 2], "never switch", run_main),
+    ("main_BS.py", ["--num_cluster", 0], "--num_cluster", run_main),
+], ids=["mix", "init-real", "eval-it", "not-writable", "bs-mix-after", "bs-never-switch", "bs-num-cluster"])
+def test_invalid_flag_combinations_exit_before_training(tmp_path, script, extra, needle, run):
+    r = run(script, "--preset", "smoke", "--save_path", tmp_path, *extra)
     assert r.returncode != 0
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], r.stderr
