@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 from dcbs.data import DataError, load_data
 from dcbs.io import FileFormatError
 from dcbs.rundir import RunDir, RunDirError
@@ -139,7 +139,8 @@ def test_run_name_must_be_one_plain_path_component(tmp_path, name):
 
 
 def test_bad_run_name_on_the_command_line(tmp_path):
-    r = run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "a/b")
+    # in this process: main.py only calls dcbs.cli.main
+    r = run_main("main.py", "--preset", "smoke", "--save_path", tmp_path, "--run_name", "a/b")
     assert r.returncode == 2
     assert "--run_name" in one_error_line(r.stderr)
     assert not (tmp_path / "a").exists()
@@ -155,7 +156,7 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     assert str(e.value) == (f"--resume {tmp_path}: {tmp_path} is not a run directory (no config.json); pass the "
                             f"folder of a run made by main.py/main_BS.py")
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]        # nothing written into it
-    r = run_cli("main.py", "--resume", tmp_path)
+    r = run_main("main.py", "--resume", tmp_path)          # main.py only calls dcbs.cli.main
     assert r.returncode == 2 and "is not a run directory" in one_error_line(r.stderr)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from dcbs import clusters as cl
 from dcbs import selection as sel
 from dcbs.samplers import (SAMPLERS, ClassSampler, PrunedSampler, RepresentativeSampler, StratifiedSampler,
@@ -200,23 +200,25 @@ def _error(r):
 
 
 def test_stratified_refuses_a_k_other_than_batch_real_and_norm(tmp_path, digits):
+    # the first through main.py itself, the others in this process (main.py only calls dcbs.cli.main)
     write_clusters(tmp_path / cl.cluster_file_name("digits", 5, 3, False), digits, chunks(digits, 5))
     base = ["--preset", "smoke", "--save_path", tmp_path / "out", "--sampler", "stratified",
             "--cluster_path", tmp_path, "--batch_real", 16]
     line = _error(run_cli("main.py", *base, "--num_cluster", 5))
     assert "k = --batch_real 16" in line and "--num_cluster 16" in line
-    assert "--norm" in _error(run_cli("main.py", *base, "--norm"))
-    assert "lower --batch_real" in _error(run_cli("main.py", *base[:-1], 500))
+    assert "--norm" in _error(run_main("main.py", *base, "--norm"))
+    assert "lower --batch_real" in _error(run_main("main.py", *base[:-1], 500))
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_sampler_files_name_the_command(tmp_path):
+    # the first through main.py itself, the others in this process (main.py only calls dcbs.cli.main)
     base = ["--preset", "smoke", "--save_path", tmp_path / "out", "--cluster_path", tmp_path, "--batch_real", 16]
     line = _error(run_cli("main.py", *base, "--sampler", "representative"))
     assert "main_cluster.py --dataset digits" in line and "--representative" in line and "--num_cluster 16" in line
-    line = _error(run_cli("main.py", *base, "--sampler", "pruned"))
+    line = _error(run_main("main.py", *base, "--sampler", "pruned"))
     assert "main_cluster.py --dataset digits" in line and "--scores" in line
-    line = _error(run_cli("main.py", "--preset", "smoke", "--save_path", tmp_path / "out", "--prune_hard", 0.1))
+    line = _error(run_main("main.py", "--preset", "smoke", "--save_path", tmp_path / "out", "--prune_hard", 0.1))
     assert "--prune_hard" in line and "does not apply" in line
 
 
