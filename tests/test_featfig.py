@@ -87,7 +87,7 @@ def test_refuses_runs_it_cannot_draw(digits, tmp_path):
         featfig.resolve_class("dog", ["airplane", "cat"])
 
 
-def test_plot_command_draws_figure8_from_a_checkpoint(digits, tmp_path):
+def test_plot_command_draws_figure8_from_a_checkpoint(digits, tmp_path, capsys):
     from PIL import Image
     net = build_extractor("ConvNet", digits.channel, digits.num_classes, digits.im_size, seed=0)
     ck = tmp_path / "ConvNet_digits.pt"
@@ -109,10 +109,15 @@ def test_plot_command_draws_figure8_from_a_checkpoint(digits, tmp_path):
     assert meta["n_real"] == len(digits.indices_class[7]) and meta["class"] == 7 and [x["label"] for x in meta["runs"]] == ["DC", "BS(DC) k=5 L2"]
     assert meta["runs"][0]["nn_ratio"] < 1e-3 and meta["extractor"]["name"] == "ConvNet_digits.pt"
     # a missing network names the command that trains it; Figure 8 flags without --features are refused
-    r = run_cli("plot_runs.py", dc, "--out", out, "--features", tmp_path / "none.pt")
-    assert r.returncode == 2 and "main_cluster.py --dataset digits" in r.stderr and "--model ConvNet" in r.stderr
-    r = run_cli("plot_runs.py", dc, "--out", out, "--feature_class", "cat")
-    assert r.returncode == 2 and "--features" in r.stderr
+    # (in this process: plot_runs.py only calls plot_cli.main)
+    from dcbs.plot_cli import main as plot_main
+    capsys.readouterr()
+    rc = plot_main([str(dc), "--out", str(out), "--features", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "main_cluster.py --dataset digits" in err and "--model ConvNet" in err
+    rc = plot_main([str(dc), "--out", str(out), "--feature_class", "cat"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--features" in err
 
 
 # --------------------------------------------------------------------------- #
