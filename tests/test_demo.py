@@ -33,6 +33,15 @@ def smoke(tmp_path_factory):
     return path, r
 
 
+def _demo_here(capsys, save_path, *more):
+    """reproduce.py demo in this process (reproduce.py only calls reproduce_cli.main), for refusals:
+    (exit status, stderr)."""
+    from dcbs import reproduce_cli
+    capsys.readouterr()
+    rc = reproduce_cli.main(["demo", "--smoke", "--save_path", str(save_path), "--device", "cpu", *more])
+    return rc, capsys.readouterr().err
+
+
 def _figures(stdout: str) -> list[str]:
     tail = stdout.split("\nfigures:\n", 1)[1]
     return [ln.split()[-1] for ln in tail.splitlines() if ln.startswith("  ") and ln.strip().endswith(".png")]
@@ -102,18 +111,18 @@ def test_the_same_command_again_reuses_what_is_finished(smoke):
     assert table == [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
 
 
-def test_a_demo_of_other_settings_is_refused(smoke):
+def test_a_demo_of_other_settings_is_refused(smoke, capsys):
     path, _ = smoke
-    r = _demo(path, "--num_cluster", "3")
-    assert r.returncode == 2
-    assert f"--save_path {path} holds a demo made with num_cluster=5" in r.stderr
+    rc, err = _demo_here(capsys, path, "--num_cluster", "3")
+    assert rc == 2
+    assert f"--save_path {path} holds a demo made with num_cluster=5" in err
     assert not os.path.exists(path / "checkpoints" / "class_idx_digits_k3_2_True_ConvNet.pt")
 
 
-def test_a_folder_that_is_not_a_demo_is_refused(tmp_path):
+def test_a_folder_that_is_not_a_demo_is_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    r = _demo(tmp_path)
-    assert r.returncode == 2 and "holds no demo" in r.stderr and "--save_path" in r.stderr
+    rc, err = _demo_here(capsys, tmp_path)
+    assert rc == 2 and "holds no demo" in err and "--save_path" in err
     assert os.listdir(tmp_path) == ["notes.txt"] or set(os.listdir(tmp_path)) == {"notes.txt", ".lock"}
 
 

@@ -326,7 +326,9 @@ def test_aggregator_tables_match_hand_made_runs(tmp_path):
 # --------------------------------------------------------------------------- #
 # end to end: digits, smoke preset, submitit's LocalExecutor, then the aggregator
 # --------------------------------------------------------------------------- #
-def test_tiny_sweep_runs_through_local_executor_and_is_tabulated(tmp_path):
+def test_tiny_sweep_runs_through_local_executor_and_is_tabulated(tmp_path, capsys):
+    """The sweep through reproduce.py; the repeat and the aggregation in this process (reproduce.py only
+    calls reproduce_cli.main)."""
     save, ck = tmp_path / "sweep", tmp_path / "ck"
     argv = ["table2", "--preset", "smoke", "--ipc", "1", "--k", "5", "10", "--margin", "10",
             "--cluster_model", "ConvNet", "--train_extractor",
@@ -354,11 +356,13 @@ def test_tiny_sweep_runs_through_local_executor_and_is_tabulated(tmp_path):
     assert manifest["preset"] == "smoke" and manifest["executor"] == "local" and manifest["finished"]
     assert {j["result"] for j in manifest["jobs"]} == {"finished"} and len(manifest["jobs"]) == 5
     # the same command again runs nothing
-    again = run_cli("reproduce.py", *argv)
-    assert again.returncode == 0 and "0 to run" in again.stdout and again.stdout.count("skip (finished)") == 5
+    capsys.readouterr()
+    rc = reproduce.main([str(a) for a in argv])
+    again = capsys.readouterr().out
+    assert rc == 0 and "0 to run" in again and again.count("skip (finished)") == 5
     # the aggregator shows these runs' numbers
-    r = run_cli("reproduce.py", "aggregate", "--save_path", save, "--out", tmp_path / "tables.md")
-    assert r.returncode == 0, r.stderr
+    rc = reproduce.main(["aggregate", "--save_path", str(save), "--out", str(tmp_path / "tables.md")])
+    assert rc == 0, capsys.readouterr().err
     md = open(tmp_path / "tables.md").read()
     got = row(md, "Table 2", "ipc 1")
 
