@@ -86,7 +86,8 @@ def bs_run(runs, cluster_dir):
 
 
 def dc_run(runs, method="DC", seed=7):
-    return runs(f"{method}_main", "main.py", *SMOKE, "--method", method, "--batch_real", 32, "--seed", seed)
+    # real batches of 16: the runs it is compared with draw the same 16
+    return runs(f"{method}_main", "main.py", *SMOKE, "--method", method, "--batch_real", 16, "--seed", seed)
 
 
 # --------------------------------------------------------------------------- #
@@ -192,7 +193,7 @@ def test_one_cluster_per_class_draws_exactly_as_the_class_sampler(digits):
 @pytest.mark.parametrize("method", ["DC", "DSA"])
 def test_one_cluster_per_class_reproduces_main_py_bit_for_bit(runs, cluster_dir, method):
     base = dc_run(runs, method)
-    bs = runs(f"{method}_bs1", "main_BS.py", *SMOKE, "--method", method, "--batch_real", 32, "--seed", 7,
+    bs = runs(f"{method}_bs1", "main_BS.py", *SMOKE, "--method", method, "--batch_real", 16, "--seed", 7,
               "--num_cluster", 1, "--layer_idx", 3, "--cluster_path", cluster_dir)
     a = torch.load(os.path.join(base, "syn_exp0.pt"), weights_only=True)["data"][0][0]
     b = torch.load(os.path.join(bs, "syn_exp0.pt"), weights_only=True)["data"][0][0]
@@ -315,11 +316,14 @@ def test_plot_command_writes_both_figures(runs, bs_run, tmp_path):
     assert not [f for f in os.listdir(out) if f.startswith(".")]     # no temporary files left
 
 
-def test_plot_command_refuses_a_folder_without_diagnostics(tmp_path):
+def test_plot_command_refuses_a_folder_without_diagnostics(tmp_path, capsys):
+    from dcbs.plot_cli import main         # in this process: plot_runs.py only calls it
     (tmp_path / "empty").mkdir()
-    r = run_cli("plot_runs.py", tmp_path / "empty", "--out", tmp_path / "figs")
-    assert r.returncode == 2 and r.stdout == ""
-    line = error_line(r.stderr)
+    capsys.readouterr()
+    rc = main([str(tmp_path / "empty"), "--out", str(tmp_path / "figs")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    line = error_line(err)
     assert "diagnostics.csv" in line and str(tmp_path / "empty") in line
     assert not (tmp_path / "figs").exists()
 
