@@ -259,7 +259,7 @@ def test_relative_links_resolve(path):
 # Each pattern is written so that it does not match its own text in this file.
 MAKING = [
     r"\bsee[d] paper\b",
-    r"\b(?:eleventh|tenth|ninth|eighth|seventh|sixth|fifth|fourth|third|second|first)[ -]roun[d]s?\b",
+    r"\b(?:elevent[h]|tent[h]|nint[h]|eighth|seventh|sixth|fifth|fourth|third|second|first)[ -]roun[d]s?\b",
     r"\bthis sessio[n]\b",
     r"(?<![\"'])\bsessio[n]s?\b",          # not pytest's scope="session"
     r"\bissu[e] \d+",
