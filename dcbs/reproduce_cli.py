@@ -127,7 +127,9 @@ def build_study_parser() -> argparse.ArgumentParser:
                    help="folders of run directories")
     p.add_argument("--out", help="also write the markdown to this file (atomically)")
     p.add_argument("--figures", metavar="DIR", help="folder of the PNG files: accuracy against iteration and "
-                                                    "against condensation time, one per dataset and ipc")
+                                                    "against condensation time, one per dataset and ipc; real and "
+                                                    "synthetic gradient norms per layer (Figures 6 and 7), one "
+                                                    "bar or line per sampler, one pair per seed")
     return p
 
 

@@ -4,11 +4,12 @@
                               [--figures results/figures/samplers]
 
 ``collect`` reads every run directory (finished or not) into a ``Record``: its label, setting, seed,
-every model's accuracy (percent) at each evaluated iteration and its cost per iteration from
-``diagnostics.csv``. ``paired`` groups finished runs by (dataset, ipc, preset) and compares each label
+every model's accuracy (percent) at each evaluated iteration, and from ``diagnostics.csv`` its cost per
+iteration, real batch sizes and real gradient norms per tensor. ``paired`` groups finished runs by (dataset, ipc, preset) and compares each label
 with the baseline (DC) seed by seed: d_s = mean over its models − mean over DC's models, same seed and
-iteration. ``render_markdown`` writes the tables, ``plot`` the accuracy curves. Unfinished runs are
-listed apart, never averaged.
+iteration. ``render_markdown`` writes the tables, ``plot`` the accuracy curves and, per seed, the
+paper's Figures 6 and 7 (gradient norms per layer) with one bar or line per sampler. Unfinished runs
+are listed apart, never averaged.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .plots import REAL
 from .samplers import SAMPLERS, method_label
 from .tables import read_runs
 
 __all__ = ["Record", "LabelStats", "Comparison", "Group", "collect", "paired", "render_markdown", "plot",
-           "GAIN_POINTS", "GAIN_SE"]
+           "grad_figures", "GAIN_POINTS", "GAIN_SE"]
 
 # results/samplers.md's rule, fixed before any seed ran: a gain is mean d >= 1 point and mean d > 2 SE
 GAIN_POINTS, GAIN_SE = 1.0, 2.0
@@ -63,6 +65,9 @@ class Record:
     sample_sec_per_it: float | None = None       # median of its `sample_seconds` (None: column absent)
     cum_seconds: dict = field(default_factory=dict)   # iteration -> condensation seconds before its evaluation
     details: tuple = ()                          # the sampler's settings, written out (see _DETAILS)
+    batch_mean: float | None = None              # mean over iterations of `batch_real_mean` (real images per class)
+    batch_min: int | None = None                 # smallest `batch_real_min` of any iteration
+    gw_real: dict = field(default_factory=dict)  # tensor -> mean over iterations of its real gradient L2 norm
 
     @property
     def name(self) -> str:
@@ -97,34 +102,44 @@ def _float(x) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _timing(path: str, eval_its) -> tuple:
-    """(mean seconds per iteration, mean sample seconds per iteration, iteration -> cumulative seconds).
-
-    ``seconds`` is written per row (one iteration's condensation step, evaluation excluded), so the
-    time before the evaluation at iteration t is the sum over rows with it < t, averaged over experiments.
-    """
+def _diagnostics(path: str) -> list | None:
+    """diagnostics.csv's rows, one per (experiment, iteration), in order; None when the file is missing."""
     try:
         with open(os.path.join(path, "diagnostics.csv"), newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except OSError:
-        return None, None, {}
+        return None
     by_key = {}
     for r in rows:   # a row written again after a resume replaces the earlier one
         try:
             by_key[(int(r["exp"]), int(r["it"]))] = r
         except (KeyError, TypeError, ValueError):
             continue
-    rows = [by_key[k] for k in sorted(by_key)]
+    return [by_key[k] for k in sorted(by_key)]
+
+
+def _column(rows, col) -> list:
+    return [v for v in (_float(r.get(col)) for r in rows) if v is not None]
+
+
+def _timing(rows, eval_its) -> tuple:
+    """(median seconds per iteration, median sample seconds per iteration, iteration -> cumulative seconds).
+
+    ``seconds`` is written per row (one iteration's condensation step, evaluation excluded), so the
+    time before the evaluation at iteration t is the sum over rows with it < t, averaged over experiments.
+    """
+    if rows is None:
+        return None, None, {}
 
     def median_of(col):   # the median: one iteration of a suspended process must not move the cost
-        vals = [v for v in (_float(r.get(col)) for r in rows) if v is not None]
+        vals = _column(rows, col)
         return float(np.median(vals)) if vals else None
 
     cum = {}
     if rows and "seconds" in rows[0]:
         per_exp: dict = {}
-        for (exp, it), r in sorted(by_key.items()):
-            per_exp.setdefault(exp, {})[it] = _float(r.get("seconds"))
+        for r in rows:
+            per_exp.setdefault(int(r["exp"]), {})[int(r["it"])] = _float(r.get("seconds"))
         for t in eval_its:
             sums = []
             for secs in per_exp.values():
@@ -134,6 +149,20 @@ def _timing(path: str, eval_its) -> tuple:
             if sums:
                 cum[t] = float(np.mean(sums))
     return median_of("seconds"), median_of("sample_seconds"), cum
+
+
+def _batches_and_grads(rows) -> tuple:
+    """(mean real batch per class, smallest real batch, tensor -> mean real gradient L2 norm), over all rows."""
+    if not rows:
+        return None, None, {}
+    means, mins = _column(rows, "batch_real_mean"), _column(rows, "batch_real_min")
+    grads = {}
+    for col in rows[0]:
+        if col.startswith(REAL):
+            vals = _column(rows, col)
+            if vals:
+                grads[col[len(REAL):]] = float(np.mean(vals))
+    return (float(np.mean(means)) if means else None), (int(min(mins)) if mins else None), grads
 
 
 def _details(cfg: dict) -> tuple:
@@ -148,12 +177,15 @@ def collect(save_paths) -> list[Record]:
         if "method" not in cfg or "ipc" not in cfg or cfg.get("load_syn"):
             continue   # not a condensation run, or the evaluation of a saved set
         accs = _accuracies(run.path, cfg.get("model", "ConvNet"))
-        sec, sample, cum = _timing(run.path, list(accs))
+        rows = _diagnostics(run.path)
+        sec, sample, cum = _timing(rows, list(accs))
+        batch_mean, batch_min, gw_real = _batches_and_grads(rows)
         sampler = cfg.get("sampler", "class")
         records.append(Record(path=run.path, config=cfg, label=method_label(cfg["method"], sampler),
                               method=cfg["method"], sampler=sampler, dataset=cfg.get("dataset"), ipc=cfg["ipc"],
                               preset=cfg.get("preset"), seed=cfg.get("seed", 0), done=run.done, accs=accs,
-                              sec_per_it=sec, sample_sec_per_it=sample, cum_seconds=cum, details=_details(cfg)))
+                              sec_per_it=sec, sample_sec_per_it=sample, cum_seconds=cum, details=_details(cfg),
+                              batch_mean=batch_mean, batch_min=batch_min, gw_real=gw_real))
     # runs of one sampler whose settings differ are told apart by those settings only
     by_label: dict = {}
     for r in records:
@@ -190,6 +222,9 @@ class LabelStats:
     sec_per_it: float | None = None                   # mean over seeds
     sample_sec_per_it: float | None = None
     by_it: dict = field(default_factory=dict)         # iteration -> seed -> mean over models
+    batch_mean: float | None = None                   # real images per class per draw: mean over seeds
+    batch_min: int | None = None                      # the smallest draw of any seed
+    gw_real: dict = field(default_factory=dict)       # tensor -> real gradient L2 norm, mean over seeds
 
     @property
     def seeds(self) -> list:
@@ -272,6 +307,12 @@ def _label_stats(label: str, recs: list, not_counted: list) -> LabelStats:
     samp = [r.sample_sec_per_it for r in st.runs.values() if r.sample_sec_per_it is not None]
     st.sec_per_it = float(np.mean(secs)) if secs else None
     st.sample_sec_per_it = float(np.mean(samp)) if samp else None
+    batches = [r.batch_mean for r in st.runs.values() if r.batch_mean is not None]
+    st.batch_mean = float(np.mean(batches)) if batches else None
+    st.batch_min = min((r.batch_min for r in st.runs.values() if r.batch_min is not None), default=None)
+    tensors = [t for r in st.runs.values() for t in r.gw_real]
+    st.gw_real = {t: float(np.mean([r.gw_real[t] for r in st.runs.values() if t in r.gw_real]))
+                  for t in dict.fromkeys(tensors)}
     for s, r in sorted(st.runs.items()):
         for it, a in r.accs.items():
             st.by_it.setdefault(it, {})[s] = float(np.mean(a))
@@ -379,6 +420,37 @@ def _protocol(g: Group) -> str:
             f"code revision(s): {rev}.")
 
 
+def _weight_tensors(stats) -> list[str]:
+    """Tensors with gradient norms, in network order, without the 1-D ones (biases, normalisation)."""
+    from .plots import tensor_shapes
+    names = list(dict.fromkeys(t for st in stats for t in st.gw_real))
+    shapes = {}
+    for st in stats:
+        for r in st.runs.values():
+            shapes = tensor_shapes(r.config) or {}
+            break
+        if shapes:
+            break
+    return [t for t in names if (len(shapes[t]) > 1 if t in shapes else not t.endswith(".bias"))]
+
+
+def _diagnostics_lines(g: Group) -> list[str]:
+    """Figures 6-7 as numbers: real batch sizes and the real gradient's L2 norm per weight tensor."""
+    stats = [st for st in g.stats.values() if st.final_it is not None and (st.gw_real or st.batch_mean is not None)]
+    if not stats:
+        return []
+    tensors = _weight_tensors(stats)
+    lines = ["", "Real batches and real gradients (diagnostics.csv, every iteration; mean over seeds): real images "
+                 "per class in one draw, mean (smallest), and the L2 norm of the real gradient of each weight "
+                 "tensor of the matching network, mean over iterations:", "",
+             "| sampler | real batch | " + " | ".join(f"`{t}`" for t in tensors) + " |",
+             "|---|---|" + "---|" * len(tensors)]
+    for st in stats:
+        batch = DASH if st.batch_mean is None else f"{st.batch_mean:.1f} ({_f(st.batch_min, 'd')})"
+        lines.append(f"| {st.label} | {batch} | " + " | ".join(_f(st.gw_real.get(t), ".3f") for t in tensors) + " |")
+    return lines
+
+
 def _group_lines(g: Group) -> list[str]:
     title = f"## {g.dataset}, ipc {g.ipc}, preset {g.preset or 'none'}"
     lines = [title, "", _protocol(g), ""]
@@ -416,6 +488,7 @@ def _group_lines(g: Group) -> list[str]:
                         cell += f" [n={len(at)}]"
                     cells.append(cell)
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += _diagnostics_lines(g)
     else:
         lines.append("No finished run in this group.")
     if g.unfinished:
@@ -501,4 +574,28 @@ def plot(records, out_dir: str, baseline: str = "DC") -> list[str]:
             if ax.lines or ax.collections:
                 ax.legend(fontsize=8)
         paths.append(_save(fig, os.path.join(out_dir, f"study_{dataset}_ipc{ipc}.png")))
+    for g in paired(records, baseline):
+        paths += grad_figures(g, out_dir)
+    return paths
+
+
+def grad_figures(g: Group, out_dir: str, smooth: int = 10) -> list[str]:
+    """Figures 6 and 7 for every sampler: per seed, the real and synthetic gradient norms per layer (bars)
+    and over iterations (lines, moving average of ``smooth``), one bar or line per sampler."""
+    from .plots import grad_norm_figure, grad_norm_lines_figure, load_run
+    seeds = sorted({s for st in g.stats.values() for s in st.runs})
+    paths = []
+    for seed in seeds:
+        runs = []
+        for label, st in g.stats.items():
+            r = st.runs.get(seed)
+            if r is not None and r.gw_real:
+                run = load_run(r.path)
+                run.label = label
+                runs.append(run)
+        if not runs:
+            continue
+        stem = os.path.join(out_dir, f"study_{g.dataset}_ipc{g.ipc}_{g.preset or 'none'}_s{seed}")
+        paths.append(grad_norm_figure(runs, f"{stem}_grad_norms.png"))
+        paths.append(grad_norm_lines_figure(runs, f"{stem}_grad_norms_iter.png", smooth=smooth))
     return paths

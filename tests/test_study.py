@@ -16,8 +16,10 @@ from dcbs.rundir import RunDir  # noqa: E402
 ITS = (50, 100, 200)
 
 
-def write_run(root, name, accs, seed, sampler="class", done=True, seconds=None, sample=None, rows=200, **cfg):
-    """A run directory written by the run's own writers: accs is iteration -> model accuracies (fractions)."""
+def write_run(root, name, accs, seed, sampler="class", done=True, seconds=None, sample=None, rows=200, grads=None,
+              batch=None, **cfg):
+    """A run directory written by the run's own writers: accs is iteration -> model accuracies (fractions);
+    grads: tensor -> function of the iteration giving its real gradient norm; batch: (mean, min) per row."""
     path = os.path.join(root, name)
     os.makedirs(path)
     rd = RunDir(path, lock=False)
@@ -32,6 +34,10 @@ def write_run(root, name, accs, seed, sampler="class", done=True, seconds=None, 
             row["sample_seconds"] = sample
         if seconds is not None:
             row["seconds"] = seconds
+        if batch is not None:
+            row["batch_real_mean"], row["batch_real_min"] = batch(it)
+        for t, f in (grads or {}).items():
+            row[f"gw_real:{t}"], row[f"gw_syn:{t}"] = f(it), 1.0
         diag.append(row)
     rd.write_diagnostics(diag)
     if done:
@@ -40,16 +46,22 @@ def write_run(root, name, accs, seed, sampler="class", done=True, seconds=None, 
 
 
 BS20 = dict(num_cluster=20, layer_idx=3, norm=True, cluster_model="ResNet18BN")
+# ConvNet's tensors as diagnostics.csv names them: 4-D convolution, 1-D norm scale and bias, 2-D classifier
+CONV, NORM, BIAS, FC = "blocks.0.0.weight", "blocks.0.1.weight", "blocks.0.0.bias", "classifier.weight"
 
 
 @pytest.fixture
 def runs(tmp_path):
     root = str(tmp_path / "samplers")
     # DC: seed means 26, 29, 25 at iteration 200; 21 at iteration 100 for seed 0
+    # DC seeds 0 and 1 with gradient norms: conv norm = iteration (mean 99.5 over 0..199) and 1.0 + seed,
+    # classifier 2.0; every draw 256 images
+    dc_grads = {0: {CONV: float, NORM: lambda it: 7.0, BIAS: lambda it: 9.0, FC: lambda it: 2.0},
+                1: {CONV: lambda it: 1.0, NORM: lambda it: 7.0, BIAS: lambda it: 9.0, FC: lambda it: 2.0}}
     write_run(root, "DC_CIFAR10_ipc1_study_s0", {50: [0.1, 0.1], 100: [0.20, 0.22], 200: [0.25, 0.27]}, 0,
-              seconds=2.0, sample=0.1)
+              seconds=2.0, sample=0.1, grads=dc_grads[0], batch=lambda it: (256.0, 256))
     write_run(root, "DC_CIFAR10_ipc1_study_s1", {50: [0.1, 0.1], 100: [0.2, 0.2], 200: [0.28, 0.30]}, 1,
-              seconds=2.0, sample=0.1)
+              seconds=2.0, sample=0.1, grads=dc_grads[1], batch=lambda it: (256.0, 256))
     write_run(root, "DC_CIFAR10_ipc1_study_s2", {50: [0.1, 0.1], 100: [0.2, 0.2], 200: [0.24, 0.26]}, 2,
               seconds=2.0, sample=0.1)
     # a second finished DC run of seed 0: it sorts after the first one and is not counted
@@ -60,9 +72,11 @@ def runs(tmp_path):
         write_run(root, f"STRAT-DC_l3_ResNet18BN_CIFAR10_ipc1_study_s{s}", {50: [0.1, 0.1], 100: a100, 200: a200},
                   s, sampler="stratified", seconds=3.0 + s, sample=0.5, layer_idx=3, cluster_model="ResNet18BN")
     # cluster k=20: seeds 0, 1 finished (d = -1, +1), seed 2 running, seed 3 without a DC partner;
-    # no timing columns, as in runs written before they existed
+    # no timing columns, as in runs written before they existed. Seed 0: draws of 250 and 200 images
+    # (smallest cluster 200), conv norm 30
     write_run(root, "BS-DC_k20_l3_norm_ResNet18BN_CIFAR10_ipc1_study_s0", {200: [0.24, 0.26]}, 0,
-              sampler="cluster", **BS20)
+              sampler="cluster", grads={CONV: lambda it: 30.0, FC: lambda it: 4.0},
+              batch=lambda it: (250.0, 200) if it % 2 else (200.0, 200), **BS20)
     write_run(root, "BS-DC_k20_l3_norm_ResNet18BN_CIFAR10_ipc1_study_s1", {200: [0.30, 0.30]}, 1,
               sampler="cluster", **BS20)
     write_run(root, "BS-DC_k20_l3_norm_ResNet18BN_CIFAR10_ipc1_study_s2", {50: [0.9, 0.9]}, 2,
@@ -184,13 +198,36 @@ def test_markdown_holds_the_numbers(runs):
     assert "90.00" not in md and "80.00" not in md
 
 
-def test_plot_writes_one_png_per_dataset_and_ipc(runs, tmp_path):
+def test_batches_and_gradient_norms_per_sampler(runs):
+    recs = {r.name: r for r in study.collect([runs])}
+    bs = recs["BS-DC_k20_l3_norm_ResNet18BN_CIFAR10_ipc1_study_s0"]
+    assert (bs.batch_mean, bs.batch_min) == (pytest.approx(225.0), 200)
+    assert bs.gw_real == {CONV: pytest.approx(30.0), FC: pytest.approx(4.0)}
+    assert recs["DC_CIFAR10_ipc1_study_s0"].gw_real[CONV] == pytest.approx(99.5)    # mean of 0..199
+    g = the_group(list(recs.values()))
+    dc = g.stats["DC"]
+    assert dc.gw_real[CONV] == pytest.approx((99.5 + 1.0) / 2)     # over the seeds that have the column
+    assert (dc.batch_mean, dc.batch_min) == (pytest.approx(256.0), 256)
+    md = study.render_markdown(list(recs.values()), [runs])
+    table = md.split("Real batches and real gradients")[1]
+    # 4-D and 2-D weights only: the norm scale and the bias are 1-D
+    assert f"| sampler | real batch | `{CONV}` | `{FC}` |" in table and NORM not in table and BIAS not in table
+    assert row(table, "DC") == ["256.0 (256)", "50.250", "2.000"]
+    assert row(table, "BS(DC) k=20") == ["225.0 (200)", "30.000", "4.000"]
+    assert "| STRAT(DC) |" not in table                               # its files have neither column
+
+
+def test_plot_writes_accuracy_and_per_seed_gradient_figures(runs, tmp_path):
     out = tmp_path / "figs"
     paths = study.plot(study.collect([runs]), str(out))
-    assert paths == [str(out / "study_CIFAR10_ipc1.png")]
-    with open(paths[0], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert sorted(os.listdir(out)) == ["study_CIFAR10_ipc1.png"]    # no temporary file left
+    stem = "study_CIFAR10_ipc1_study"
+    names = ["study_CIFAR10_ipc1.png", f"{stem}_s0_grad_norms.png", f"{stem}_s0_grad_norms_iter.png",
+             f"{stem}_s1_grad_norms.png", f"{stem}_s1_grad_norms_iter.png"]   # seed 2: no run has norms
+    assert paths == [str(out / n) for n in names]
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(out)) == sorted(names)    # no temporary file left
 
 
 def test_cli_prints_and_writes_the_report(runs, tmp_path):
