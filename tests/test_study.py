@@ -258,3 +258,16 @@ def test_one_suspended_iteration_does_not_move_the_cost(tmp_path):
     (rec,) = study.collect([root])
     assert rec.sec_per_it == pytest.approx(2.0)          # a mean would say 401.6
     assert rec.cum_seconds[5] == pytest.approx(2008.0)  # wall time keeps what was spent
+
+
+def test_a_sampler_that_reclusters_every_tenth_iteration_pays_for_it(tmp_path):
+    root = str(tmp_path / "r")
+    path = write_run(root, "DREAM-DC_CIFAR10_ipc1_study_s0", {20: [0.25, 0.27]}, 0, sampler="representative",
+                     rows=20)
+    # 300 s of clustering at iterations 0 and 10, inside their `seconds`; 2 s for every step's matching
+    rows = [{"exp": 0, "it": it, "loss": 1.0, "sample_seconds": 300.0 if it % 10 == 0 else 0.01,
+             "seconds": 2.0 + (300.0 if it % 10 == 0 else 0.01)} for it in range(20)]
+    RunDir(path, lock=False).write_diagnostics(rows)
+    (rec,) = study.collect([root])
+    assert rec.sample_sec_per_it == pytest.approx((600 + 18 * 0.01) / 20)   # a median would say 0.01
+    assert rec.sec_per_it == pytest.approx(2.0 + (600 + 18 * 0.01) / 20)   # a median would say 2.01
