@@ -44,7 +44,7 @@ def default_run_name(cfg) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     tag = SAMPLERS[cfg.sampler].tag
     m = f"{tag}-{cfg.method}" if tag else cfg.method
-    if cfg.sampler == "cluster":
+    if cfg.sampler in ("cluster", "systematic"):
         m += f"_k{cfg.num_cluster}_l{cfg.layer_idx}{'_norm' if cfg.norm else ''}"
     elif cfg.sampler == "pruned":
         m += f"_f{cfg.prune_hard:g}"
@@ -128,7 +128,8 @@ def _main(ns, default_sampler) -> int:
         raise ConfigError(f"--init real needs ipc <= the smallest class ({min(data.class_counts)} images); "
                           f"lower --ipc or use --init noise")
     make_sampler, cluster_info = SAMPLERS[cfg.sampler].setup(cfg, data)
-    if cfg.sampler == "cluster" and cfg.cluster_file:  # the file's own k / layer / norm are the effective settings
+    if cfg.sampler == "cluster" and cfg.cluster_file or cfg.sampler == "systematic":
+        # the file's own k / layer / norm are the effective settings (systematic: k = --batch_real by default)
         cfg = SimpleNamespace(**{**vars(cfg), "num_cluster": cluster_info["cluster_k"],
                                  "layer_idx": cluster_info["cluster_layer"], "norm": cluster_info["cluster_norm"]})
 

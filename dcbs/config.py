@@ -129,10 +129,11 @@ def build_parser(default_sampler: str = "class") -> argparse.ArgumentParser:
       help=f"where each class's real batch comes from (default {default_sampler}): "
       "class = random images of the class (DC); cluster = one random feature cluster (Batch Sampling); "
       "stratified = one image from each of batch_real K-Means clusters; representative = the image nearest "
-      "each of batch_real K-Means centres (DREAM); pruned = the class without its hardest images")
+      "each of batch_real K-Means centres (DREAM); pruned = the class without its hardest images; "
+      "systematic = DC's odds per image, spread over the clusters in proportion to their sizes")
     a("--layer_idx", type=int, help="feature layer of the cluster / partition file (default 3)")
-    a("--num_cluster", type=int, help="clusters per class, k, of --sampler cluster (default 20; stratified: "
-                                      "--batch_real)")
+    a("--num_cluster", type=int, help="clusters per class, k, of --sampler cluster (default 20; stratified, "
+                                      "systematic: --batch_real)")
     a("--norm", action="store_true", default=None, help="clusters from size-constrained K-Means")
     a("--margin", type=int, help="size margin of --norm clusters (default 50)")
     a("--cluster_model", choices=["ResNet18", "ResNet18BN", "ConvNet"], help="feature extractor (default ResNet18)")
@@ -224,7 +225,8 @@ def validate(cfg: dict) -> None:
                                   "mix_after"},
               "stratified": files | {"layer_idx", "num_cluster"},
               "representative": files | {"layer_idx", "rep_embed", "rep_partitions", "candidates", "interval"},
-              "pruned": files | {"prune_hard"}}
+              "pruned": files | {"prune_hard"},
+              "systematic": files | {"layer_idx", "num_cluster", "norm", "margin"}}
     stray = sorted(k for k in set().union(*owners.values()) - owners.get(sampler, set()) if k in cfg["explicit"])
     one = len(stray) == 1
     need(not stray, f"--{', --'.join(stray)} {'does' if one else 'do'} not apply to --sampler {sampler}: drop "

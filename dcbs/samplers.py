@@ -23,6 +23,7 @@ run's config.json. ``tag`` names runs and result files (``BS`` -> ``BS(DC)``,
 | stratified | STRAT | one random image of each of ``batch_real`` K-Means clusters |
 | representative | DREAM | the image nearest each of ``batch_real`` K-Means centres (DREAM) |
 | pruned | PRUNE | ``n`` random images of the class without its hardest fraction |
+| systematic | SYS | ``n`` images at a random start and step ``N / n`` through the class, cluster by cluster |
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .cmdline import ConfigError
 from .seeding import derive_seed
 
 __all__ = ["Sampler", "ClassSampler", "ClusterSampler", "StratifiedSampler", "RepresentativeSampler",
-           "PrunedSampler", "SAMPLERS", "SamplerError", "sampler_tag", "method_label"]
+           "PrunedSampler", "SystematicSampler", "SAMPLERS", "SamplerError", "sampler_tag", "method_label"]
 
 
 class SamplerError(ConfigError):
@@ -276,8 +277,56 @@ class PrunedSampler(ClassSampler):
         return (lambda exp: cls(data.indices_class, scores, cfg.prune_hard, _seed(cfg, exp))), info
 
 
+class SystematicSampler(Sampler):
+    """DC's inclusion probability, spread over the clusters: survey sampling's systematic sample.
+
+    Per call the class's ``N`` images are listed cluster by cluster (the clusters in
+    random order, the members of each in random order) and ``n`` of them taken at
+    positions ``floor(u + j * N / n)``, ``u`` uniform in ``[0, N / n)``. Every image is
+    in the batch with probability ``n / N``, as in DC (no outlier cluster is always
+    in), and a cluster of ``m`` images gets ``floor(m n / N)`` or ``ceil(m n / N)`` of
+    them in every draw (proportional allocation). Any partition works: plain
+    K-Means with k = ``batch_real`` by default (the file ``stratified`` reads).
+    """
+
+    name, tag = "systematic", "SYS"
+
+    def __init__(self, clusters, seed: int):
+        super().__init__(seed)
+        self.members, self.labels, self.counts = [], [], []
+        for per_class in clusters:
+            per = [_sorted(ix) for ix in per_class]
+            self.members.append(torch.cat(per))
+            self.labels.append(torch.cat([torch.full((len(t),), j, dtype=torch.long) for j, t in enumerate(per)]))
+            self.counts.append(len(per))
+
+    def frame(self, c: int) -> torch.Tensor:
+        """The class's images, cluster by cluster: clusters and members each in a random order."""
+        members, n_all = self.members[c], len(self.members[c])
+        rank = torch.randperm(self.counts[c], generator=self.generator)
+        key = rank[self.labels[c]] * n_all + torch.randperm(n_all, generator=self.generator)
+        return members[torch.argsort(key)]
+
+    def sample(self, c: int, n: int, it: int = 0) -> torch.Tensor:
+        frame = self.frame(c)
+        n_all = len(frame)
+        if n >= n_all:
+            return frame
+        step = n_all / n
+        u = float(torch.rand(1, generator=self.generator, dtype=torch.float64)) * step
+        pos = torch.floor(u + torch.arange(n, dtype=torch.float64) * step).long().clamp_(max=n_all - 1)
+        return frame[pos]
+
+    @classmethod
+    def setup(cls, cfg, data):
+        from .sampler_files import cluster_source
+        k = cfg.num_cluster if "num_cluster" in cfg.explicit else cfg.batch_real
+        clusters, info = cluster_source(cfg, data, k=k, norm=cfg.norm)
+        return (lambda exp: cls(clusters, _seed(cfg, exp))), info
+
+
 SAMPLERS = {s.name: s for s in (ClassSampler, ClusterSampler, StratifiedSampler, RepresentativeSampler,
-                                PrunedSampler)}
+                                PrunedSampler, SystematicSampler)}
 
 
 def sampler_tag(name: str) -> str:

@@ -11,7 +11,7 @@ from conftest import run_cli, run_main
 from dcbs import clusters as cl
 from dcbs import selection as sel
 from dcbs.samplers import (SAMPLERS, ClassSampler, PrunedSampler, RepresentativeSampler, StratifiedSampler,
-                           method_label)
+                           SystematicSampler, method_label)
 from test_batch_sampling import chunks, write_clusters
 
 
@@ -39,7 +39,8 @@ def test_help_lists_every_sampler_and_the_scripts_default(script, default):
 
 
 def test_tags_name_methods_and_result_files():
-    assert [method_label("DC", s) for s in SAMPLERS] == ["DC", "BS(DC)", "STRAT(DC)", "DREAM(DC)", "PRUNE(DC)"]
+    assert [method_label("DC", s) for s in SAMPLERS] == ["DC", "BS(DC)", "STRAT(DC)", "DREAM(DC)", "PRUNE(DC)",
+                                                                "SYS(DC)"]
 
 
 # --------------------------------------------------------------------------- #
@@ -66,6 +67,91 @@ def test_stratified_draws_every_member_eventually():
     for _ in range(400):
         seen |= set(s.sample(0, 5).tolist())
     assert seen == set(CLASSES[0].tolist())
+
+
+# --------------------------------------------------------------------------- #
+# systematic
+# --------------------------------------------------------------------------- #
+SIZES = [1, 1, 2, 30, 50, 116]      # class 0 (N = 200): two singletons (outliers), a pair, three big clusters
+
+
+def _uneven_clusters():
+    """Class 0: indices 100..299 in random order cut into clusters of SIZES; class 1: 0..99 in two halves."""
+    g = torch.Generator().manual_seed(0)
+    members = (100 + torch.randperm(200, generator=g)).split(SIZES)
+    return [[t.sort().values for t in members], [torch.arange(0, 50), torch.arange(50, 100)]]
+
+
+@pytest.mark.parametrize("n", [20, 30])
+def test_systematic_keeps_dcs_inclusion_odds_and_allocates_in_proportion(n):
+    clusters = _uneven_clusters()
+    s = SystematicSampler(clusters, seed=0)
+    rng = torch.get_rng_state()
+    big_n, p, draws = 200, n / 200, 4000
+    counts = torch.zeros(300, dtype=torch.long)
+    previous = None
+    for _ in range(draws):
+        d = s.sample(0, n)
+        assert d.dtype == torch.long and len(d) == n and len(set(d.tolist())) == n       # distinct
+        assert ((d >= 100) & (d < 300)).all()                                             # all of class 0
+        for t, m in zip(clusters[0], SIZES):                  # every draw: floor or ceil of m n / N per cluster
+            assert int(torch.isin(d, t).sum()) in (m * n // big_n, -(-m * n // big_n))
+        assert previous is None or set(d.tolist()) != previous                          # draws differ
+        previous = set(d.tolist())
+        counts[d] += 1
+    se = math.sqrt(p * (1 - p) / draws)
+    freq = counts[100:].double() / draws
+    assert (freq - p).abs().max() < 4.5 * se, (freq - p).abs().max() / se   # every image n / N, singletons too
+    assert torch.equal(torch.get_rng_state(), rng)                            # its own generator only
+    # the contrast: stratified (one image per cluster) has every singleton in every batch
+    st = StratifiedSampler(clusters, seed=0)
+    singletons = torch.cat([t for t in clusters[0] if len(t) == 1])
+    assert all(torch.isin(singletons, st.sample(0, len(SIZES))).all() for _ in range(50))
+
+
+def test_systematic_returns_the_whole_class_when_asked_for_as_many():
+    clusters = _uneven_clusters()
+    s = SystematicSampler(clusters, seed=1)
+    for c, n in ((0, 200), (0, 500), (1, 100), (1, 256)):
+        d = s.sample(c, n)
+        assert sorted(d.tolist()) == torch.cat(clusters[c]).sort().values.tolist()
+    d = s.sample(1, 10)                       # class 1: 5 from each half, every draw
+    assert int((d < 50).sum()) == 5 and ((d >= 0) & (d < 100)).all()
+
+
+def _systematic_cfg(tmp_path, *flags):
+    from dcbs.config import build_parser, resolve
+    argv = ["--dataset", "digits", "--sampler", "systematic", "--cluster_path", str(tmp_path), *map(str, flags)]
+    return resolve(build_parser().parse_args(argv))
+
+
+def test_systematic_reads_any_k_and_norm_files(tmp_path, digits):
+    # default: the stratified file (plain K-Means, k = --batch_real); --num_cluster / --norm: another file, any k
+    write_clusters(tmp_path / cl.cluster_file_name("digits", 16, 3, False), digits, chunks(digits, 16))
+    write_clusters(tmp_path / cl.cluster_file_name("digits", 3, 3, True), digits, chunks(digits, 3), norm=True)
+    for flags, k, norm in ((["--batch_real", 16], 16, False), (["--batch_real", 500, "--num_cluster", 3, "--norm"],
+                                                                3, True)):
+        cfg = _systematic_cfg(tmp_path, *flags)
+        make, info = SystematicSampler.setup(cfg, digits)
+        assert (info["cluster_k"], info["cluster_norm"]) == (k, norm)
+        s = make(0)
+        for c, ix in enumerate(digits.indices_class):
+            d = s.sample(c, cfg.batch_real)
+            assert set(d.tolist()) <= set(ix.tolist()) and len(d) == min(cfg.batch_real, len(ix))
+
+
+def test_systematic_refuses_stray_flags_and_names_the_file_it_needs(tmp_path):
+    base = ["--preset", "smoke", "--save_path", tmp_path / "out", "--cluster_path", tmp_path, "--batch_real", 16,
+            "--sampler", "systematic"]
+    line = _error(run_main("main.py", *base))
+    assert "main_cluster.py --dataset digits" in line and "--num_cluster 16" in line and "--norm" not in line
+    assert "class_idx_digits_k16_3_False.pt" in line                         # the file stratified reads
+    line = _error(run_main("main.py", *base, "--num_cluster", 7, "--norm"))
+    assert "--num_cluster 7 --norm" in line and "class_idx_digits_k7_3_True.pt" in line
+    for flags in (["--cluster_weighting", "size"], ["--prune_hard", 0.1], ["--rep_embed", "net"]):
+        line = _error(run_main("main.py", *base, *flags))
+        assert f"{flags[0]} does not apply to --sampler systematic" in line
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- #
@@ -229,6 +315,7 @@ RUN = ["--preset", "smoke", "--model", "ConvNetW32", "--batch_real", 16, "--Iter
        "--ckpt_every", 1, "--num_threads", 1]
 SAMPLER_ARGS = {
     "stratified": ["--sampler", "stratified"],
+    "systematic": ["--sampler", "systematic"],
     "representative": ["--sampler", "representative", "--rep_partitions", 3, "--candidates", 64],
     "representative_net": ["--sampler", "representative", "--rep_embed", "net", "--interval", 3, "--candidates", 48],
     "pruned": ["--sampler", "pruned", "--prune_hard", 0.3],
@@ -270,3 +357,7 @@ def test_killed_and_resumed_run_equals_the_run_left_alone(which, tmp_path, sampl
     assert_same(outputs(tmp_path / "killed"), outputs(tmp_path / "alone"))
     tag = SAMPLERS[SAMPLER_ARGS[which][1]].tag
     assert os.path.exists(tmp_path / "alone" / f"res_{tag}DC_digits_ConvNetW32_1ipc.pt")
+    if which == "systematic":           # the run records the k it read (--batch_real's), not --num_cluster's default
+        import json
+        cfg = json.load(open(tmp_path / "alone" / "config.json"))
+        assert (cfg["num_cluster"], cfg["cluster_k"], cfg["label"]) == (16, 16, "SYS(DC)")
