@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("what", choices=WHAT, help="table1: DC, DSA, BS(DC) k=20 layer 3; table2: BS k 5-25 layer 2 + DC; "
                                  "table3: BS layer 0-3 k=20 + DC; all: the three; samplers: DC with every real-batch "
-                                 "sampler (class, cluster, stratified, representative, pruned; results/samplers.md) "
+                                 "sampler (class, cluster, stratified, representative, pruned, systematic; "
+                                 "results/samplers.md) "
                                  "(also: 'aggregate', 'figures', 'study' and 'demo', each with its own -h)")
     a("--dataset", choices=list(DATASETS), default=None,
       help="dataset (default CIFAR10, or the preset's own dataset: digits for demo and smoke)")
@@ -48,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ipc", type=int, nargs="+", help="only these ipc (of 1 10 50)")
     a("--k", type=int, nargs="+", help="only Batch Sampling cells with these k")
     a("--layers", type=int, nargs="+", help="only Batch Sampling cells with these feature layers")
-    a("--methods", nargs="+", choices=["DC", "DSA", "BS", "STRAT", "DREAM", "PRUNE"],
-      help="only these methods (BS = BS(DC); STRAT, DREAM, PRUNE: the samplers grid)")
+    a("--methods", nargs="+", choices=["DC", "DSA", "BS", "STRAT", "DREAM", "PRUNE", "SYS"],
+      help="only these methods (BS = BS(DC); STRAT, DREAM, PRUNE, SYS: the samplers grid)")
     a("--num_threads", type=int, help="--num_threads of every condensation run")
     a("--device", help="--device of every run (auto, cpu, cuda, cuda:N)")
     a("--train_extractor", action="store_true",

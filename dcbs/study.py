@@ -44,6 +44,8 @@ _DETAILS = {
                        ("rep_embed", lambda v: f"{v} embedding"), ("rep_partitions", lambda v: f"{v} partitions"),
                        ("candidates", lambda v: f"{v} candidates"), ("interval", lambda v: f"interval {v}")],
     "pruned": [("cluster_model", str), ("prune_hard", lambda v: f"{100 * float(v):g} % pruned")],
+    "systematic": [("num_cluster", lambda v: f"k={v}"), ("layer_idx", lambda v: f"layer {v}"),
+                   ("norm", lambda v: "norm" if v else "no norm"), ("cluster_model", str)],
 }
 
 

@@ -50,17 +50,19 @@ TABLES = {
     "table2": [("BS", k, 2) for k in (5, 10, 15, 20, 25)] + [("DC", None, None)],
     "table3": [("BS", 20, layer) for layer in (0, 1, 2, 3)] + [("DC", None, None)],
     # which real batch helps gradient matching (results/samplers.md): every sampler on DC, layer-3 features
-    "samplers": [("DC", None, None), ("BS", 20, 3), ("STRAT", None, 3), ("DREAM", None, 3), ("PRUNE", None, None)],
+    "samplers": [("DC", None, None), ("BS", 20, 3), ("STRAT", None, 3), ("DREAM", None, 3), ("PRUNE", None, None),
+                 ("SYS", None, 3)],
 }
 PAPER_TABLES = ("table1", "table2", "table3")
 # sweep method -> --sampler (every sampler cell condenses with DC)
-SAMPLER_OF = {"BS": "cluster", "STRAT": "stratified", "DREAM": "representative", "PRUNE": "pruned"}
-SPREAD_K = 256               # stratified / representative: one cluster per image of the default --batch_real
+SAMPLER_OF = {"BS": "cluster", "STRAT": "stratified", "DREAM": "representative", "PRUNE": "pruned",
+              "SYS": "systematic"}
+SPREAD_K = 256               # stratified / representative / systematic: a cluster per image of --batch_real's default
 TABLE_TITLES = {
     "table1": "Table 1: DC, DSA and Batch Sampling (BS(DC), k = 20, layer 3)",
     "table2": "Table 2: number of clusters k (BS(DC), features from layer 2)",
     "table3": "Table 3: feature layer (BS(DC), k = 20)",
-    "samplers": "Real-batch samplers on DC (class, cluster, stratified, representative, pruned)",
+    "samplers": "Real-batch samplers on DC (class, cluster, stratified, representative, pruned, systematic)",
 }
 # flags the sweep sets itself; passing them after `--` would make the run names lie
 OWN_FLAGS = {"--method", "--dataset", "--data_path", "--ipc", "--save_path", "--run_name", "--seed", "--preset",
@@ -150,7 +152,7 @@ def check_extra(extra) -> None:
 def run_name(cell: Cell, s: Settings) -> str:
     """``DC_CIFAR10_ipc1_cpu_s0``, ``BS-DC_k20_l3_norm_CIFAR10_ipc10_full_s0`` (+ ``_x<hash>`` with flags after --)."""
     model = "" if s.cluster_model == DEFAULT_CLUSTER_MODEL else f"_{s.cluster_model}"
-    if cell.method in ("STRAT", "DREAM"):
+    if cell.method in ("STRAT", "DREAM", "SYS"):
         m = f"{cell.method}-DC_l{cell.layer}{model}"
     elif cell.method == "PRUNE":
         m = f"PRUNE-DC{model}"
@@ -202,12 +204,13 @@ def cluster_file(s: Settings, k: int, layer: int) -> str:
 
 
 def sampler_file_job(cell: Cell, s: Settings) -> tuple[str, list[str]] | None:
-    """(file, main_cluster.py argv) that a stratified / representative / pruned cell reads; None for the others."""
+    """(file, main_cluster.py argv) that a stratified / systematic / representative / pruned cell reads; None for
+    the others (stratified and systematic read the same file)."""
     from .clusters import cluster_file_name
     from .selection import partition_file_name, score_file_name
     base = ["main_cluster.py", "--dataset", s.dataset, "--data_path", s.data_path, "--model", s.cluster_model,
             "--cluster_path", s.cluster_path, "--results_path", os.path.join(s.save_path, "clusters")]
-    if cell.sampler == "stratified":
+    if cell.sampler in ("stratified", "systematic"):
         name = cluster_file_name(s.dataset, SPREAD_K, cell.layer, False, model=s.cluster_model)
         argv = base + ["--layer_idx", str(cell.layer), "--num_cluster", str(SPREAD_K), "--no_figures"]
     elif cell.sampler == "representative":
@@ -289,7 +292,7 @@ def _check_existing_run(path: str, cell: Cell, s: Settings) -> None:
         return                    # no readable config: the run stopped at its very start
     want = {"dataset": s.dataset, "ipc": cell.ipc, "seed": s.seed, "preset": s.preset,
             "method": "DC" if cell.sampler != "class" else cell.method, "sampler": cell.sampler}
-    if cell.sampler in ("stratified", "representative"):
+    if cell.sampler in ("stratified", "representative", "systematic"):
         want.update(layer_idx=cell.layer, cluster_model=s.cluster_model)
     if cell.sampler == "cluster":
         want.update(num_cluster=cell.k, layer_idx=cell.layer, norm=True, cluster_model=s.cluster_model,

@@ -397,7 +397,7 @@ def test_samplers_grid_makes_each_file_once_and_runs_every_sampler_per_seed(with
     assert "--scores" in files["scores_cifar10.pt"].argv
     assert "--norm" not in files["class_idx_cifar10_k256_3_False.pt"].argv
     runs = kinds(plan, "condense")
-    assert len(runs) == 5 * 3 and {j.name[-2:] for j in runs} == {"s0", "s1", "s2"}
+    assert len(runs) == 6 * 3 and {j.name[-2:] for j in runs} == {"s0", "s1", "s2"}
     by_sampler = {}
     for j in runs:
         from dcbs.config import build_parser, resolve
@@ -408,7 +408,10 @@ def test_samplers_grid_makes_each_file_once_and_runs_every_sampler_per_seed(with
         by_sampler.setdefault(cfg.sampler, []).append(j)
         if cfg.sampler != "class":                            # each waits for the file it reads
             assert len(j.deps) == 1 and j.deps[0] in files
-    assert sorted(by_sampler) == ["class", "cluster", "pruned", "representative", "stratified"]
+    assert sorted(by_sampler) == ["class", "cluster", "pruned", "representative", "stratified", "systematic"]
+    # systematic reads stratified's file: no second clustering job
+    assert [j.deps for j in by_sampler["systematic"]] == [["class_idx_cifar10_k256_3_False.pt"]] * 3
+    assert all(j.name.startswith("SYS-DC_l3_") for j in by_sampler["systematic"])
     assert all(len(v) == 3 for v in by_sampler.values())
     # `all` stays the paper's three tables
     assert "samplers" not in sweep.make_plan(sweep.PAPER_TABLES, with_extractor, ipcs=[1]).tables
