@@ -49,6 +49,12 @@ def _sorted(ix) -> torch.Tensor:
     return torch.as_tensor(ix, dtype=torch.long).cpu().sort().values
 
 
+def _packed(per_class) -> tuple:
+    """One class's clusters as (members cluster by cluster, each sorted; cluster sizes)."""
+    per = [_sorted(ix) for ix in per_class]
+    return torch.cat(per), torch.tensor([len(t) for t in per], dtype=torch.long)
+
+
 class Sampler:
     """Base: a generator of its own, no preparation."""
 
@@ -148,9 +154,8 @@ class StratifiedSampler(Sampler):
         super().__init__(seed)
         self.members, self.offsets, self.sizes = [], [], []
         for per_class in clusters:
-            per = [_sorted(ix) for ix in per_class]
-            sizes = torch.tensor([len(t) for t in per], dtype=torch.long)
-            self.members.append(torch.cat(per))
+            members, sizes = _packed(per_class)
+            self.members.append(members)
             self.sizes.append(sizes)
             self.offsets.append(torch.cumsum(sizes, 0) - sizes)
 
@@ -295,10 +300,10 @@ class SystematicSampler(Sampler):
         super().__init__(seed)
         self.members, self.labels, self.counts = [], [], []
         for per_class in clusters:
-            per = [_sorted(ix) for ix in per_class]
-            self.members.append(torch.cat(per))
-            self.labels.append(torch.cat([torch.full((len(t),), j, dtype=torch.long) for j, t in enumerate(per)]))
-            self.counts.append(len(per))
+            members, sizes = _packed(per_class)
+            self.members.append(members)
+            self.labels.append(torch.repeat_interleave(torch.arange(len(sizes)), sizes))
+            self.counts.append(len(sizes))
 
     def frame(self, c: int) -> torch.Tensor:
         """The class's images, cluster by cluster: clusters and members each in a random order."""
