@@ -22,7 +22,7 @@ from .data import DataError, load_data
 from .evaluate import check_compile, check_synthetic_set, eval_settings_for, get_eval_pool
 from .io import FileFormatError, file_sha256, safe_load
 from .precision import check as check_precision
-from .rundir import RunDir, RunDirError, git_revision, setup_logging
+from .rundir import RunDir, RunDirError, git_revision, machine_info, setup_logging
 from .samplers import SAMPLERS, SamplerError, method_label
 
 log = logging.getLogger("dcbs")
@@ -140,7 +140,7 @@ def _main(ns, default_sampler) -> int:
         config.update(cluster_info)
         config.update({"script": script, "label": label(cfg), "argv": sys.argv, "git_revision": git_revision(),
                        "torch_version": str(torch.__version__), "device_used": str(device),
-                       "num_threads_used": torch.get_num_threads(),
+                       "machine": machine_info(), "num_threads_used": torch.get_num_threads(),
                        "data_source": data.source, "data_fingerprint": data.fingerprint,
                        "train_size": int(data.labels_train.numel()), "class_counts": data.class_counts,
                        "mean": data.mean, "std": data.std, "run_dir": run.path,
@@ -161,6 +161,12 @@ def _main(ns, default_sampler) -> int:
     log.info("%s %s on %s (%s), run directory %s", script, label(cfg), cfg.dataset, data.source, run.path)
     if precision_warning:
         log.warning(precision_warning)
+    if resume_state is not None:
+        here, started = machine_info(), config.get("machine")
+        if started and (here["cpu"], here["cpu_flags"], here["gpu"]) != (started.get("cpu"), started.get("cpu_flags"),
+                                                                         started.get("gpu")):
+            log.warning("resuming on %s (started on %s): other vector units round fp32 differently, so from here "
+                        "the run matches one left alone only approximately", _machine_str(here), _machine_str(started))
     if cfg.preset:
         log.info("preset %s: a REDUCED protocol (%d iterations, %d experiments x %d models, outer_loop %d, "
                  "inner_loop %d)", cfg.preset, cfg.Iteration, cfg.num_exp, cfg.num_eval, cfg.outer_loop, cfg.inner_loop)
@@ -180,6 +186,10 @@ def _main(ns, default_sampler) -> int:
         os.replace(run.file("checkpoint.pt"), run.file("checkpoint_final.pt"))
     print(lines[-1] if len(lines) == 2 else "\n".join(lines[1:]))
     return 0
+
+
+def _machine_str(m: dict) -> str:
+    return m.get("gpu") or f"{m.get('cpu')} [{' '.join(m.get('cpu_flags') or []) or 'no avx2'}]"
 
 
 def evaluate_saved(cfg, device) -> int:
@@ -209,7 +219,7 @@ def evaluate_saved(cfg, device) -> int:
                         f"eval_{os.path.splitext(os.path.basename(cfg.load_syn))[0]}_{time.strftime('%Y%m%d-%H%M%S')}")
     setup_logging(run.file("log.txt"))
     run.write_config(dict(vars(cfg), git_revision=git_revision(), data_fingerprint=data.fingerprint,
-                          torch_version=str(torch.__version__)))
+                          torch_version=str(torch.__version__), machine=machine_info()))
     data.to(device)
     ev = Condenser(cfg, data, None, run, device, f"eval {os.path.basename(cfg.load_syn)}")
     acc = {}

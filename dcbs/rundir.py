@@ -1,6 +1,6 @@
 """The run directory: what a run leaves behind, written atomically, never overwritten.
 
-    config.json           resolved settings, git revision, torch version, command line
+    config.json           resolved settings, git revision, torch version, machine, command line
     log.txt               the log
     diagnostics.csv       one row per iteration (loss, gradient norms, real batch sizes)
     accuracies.json       every model's accuracy by experiment, iteration and architecture
@@ -22,6 +22,8 @@ import io
 import json
 import logging
 import os
+import platform
+import re
 import socket
 import subprocess
 import sys
@@ -142,6 +144,29 @@ def git_revision() -> str:
         return (rev or "unknown") + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
+
+
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def machine_info() -> dict:
+    """The CPU (model and the vector extensions that change fp32 rounding) and GPU a run computes on."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+        fl = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+        cpu = name.group(1).strip() if name else cpu
+        family = re.search(r"^cpu family\s*:\s*(\d+)$", info, re.M)
+        model = re.search(r"^model\s*:\s*(\d+)$", info, re.M)
+        if family and model:
+            cpu += f" (family {family.group(1)} model {model.group(1)})"
+        flags = [f for f in _ISA_FLAGS if fl and f in fl.group(1).split()]
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_flags": flags, "gpu": gpu}
 
 
 class RunDir:

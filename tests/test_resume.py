@@ -73,7 +73,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, reference_run, e
     assert not os.path.exists(tmp_path / "k" / "DONE")
     r = run_cli("main.py", "--resume", tmp_path / "k")
     assert r.returncode == 0, r.stderr
-    assert "resumed experiment" in r.stderr
+    assert "resumed experiment" in r.stderr and "resuming on" not in r.stderr  # same machine: no warning
     assert_same(outputs(tmp_path / "k"), reference_run)
 
 
@@ -177,3 +177,20 @@ def test_compile_may_be_switched_on_and_off_on_resume(monkeypatch):
     with pytest.raises(cli.ConfigError, match="--ipc 3"):  # a setting that changes the result is still refused
         cli.resume_config(build_parser().parse_args(["--resume", "somewhere", "--no-compile", "--ipc", "3"]),
                           "class")
+
+
+def test_a_run_records_its_machine_and_a_resume_elsewhere_says_so(tmp_path):
+    p = start(tmp_path, "m")
+    wait_for_checkpoint(tmp_path / "m", 0, 1, p)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert isinstance(cfg["machine"]["cpu"], str) and cfg["machine"]["cpu"]
+    assert set(cfg["machine"]["cpu_flags"]) <= {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}
+    cfg["machine"] = {"cpu": "Elsewhere CPU 9000", "cpu_flags": ["avx2"], "gpu": None}
+    cfg_path.write_text(json.dumps(cfg))
+    r = run_cli("main.py", "--resume", tmp_path / "m", "--Iteration", 6)
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "m" / "log.txt").read_text()
+    assert "resuming on" in log and "(started on Elsewhere CPU 9000 [avx2])" in log
