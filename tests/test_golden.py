@@ -13,9 +13,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden"))
 import record  # noqa: E402
 
-# float32 rounding may differ between CPUs (oneDNN picks kernels by instruction set); a sampler that
-# drew other images would move the synthetic set by far more than this
-ATOL = 1e-4
+# float32 rounding differs between CPUs (oneDNN picks kernels by instruction set) and the cosine
+# distance amplifies it in single pixels (up to 3e-3 at ipc 1 on AVX-512 against AVX2 goldens), so
+# the set is compared as a whole: rounding moves it by ~3e-4 of its norm, other real images by ~3e-2
+REL = 3e-3
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +38,15 @@ def test_class_and_cluster_samplers_match_the_golden_runs(name, tmp_path, cluste
     assert got["res_name"] == want["res_name"]
     for (gx, gy), (wx, wy) in zip(got["res_data"], want["res_data"]):
         assert torch.equal(gy, wy)
-        torch.testing.assert_close(gx, wx, atol=ATOL, rtol=0)
+        assert gx.shape == wx.shape
+        assert (gx - wx).norm() <= REL * wx.norm(), f"synthetic set moved by {(gx - wx).norm() / wx.norm():.2e}"
     for (gx, _), (sx, _) in zip(got["res_data"], got["syn_data"]):
         assert torch.equal(gx, sx)
     assert got["accuracies"].keys() == want["accuracies"].keys()
     for exp in want["accuracies"]:
         for it, per in want["accuracies"][exp].items():
             for arch, accs in per.items():
-                assert got["accuracies"][exp][it][arch] == pytest.approx(accs, abs=2 / 540)   # two test images
+                assert got["accuracies"][exp][it][arch] == pytest.approx(accs, abs=6 / 540)   # rounding flips a few: 3 seen on AVX-512
     assert len(got["diagnostics"]) == len(want["diagnostics"])
     for g, w in zip(got["diagnostics"], want["diagnostics"]):
         exact = {k for k in w if k in ("exp", "it") or k.startswith("batch_real")}
