@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -83,7 +82,8 @@ def write_report(out: str, t0: float, body: dict, argv=None, **meta) -> None:
     """Writes ``{"meta": ..., **body}`` to ``out``; meta gets date, machine, torch, argv and wall time too."""
     import torch
     from dcbs.io import atomic_write_json
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.processor() or platform.machine(),
+    from dcbs.rundir import machine_info
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
             "torch": torch.__version__, **meta, "argv": sys.argv[1:] if argv is None else list(argv),
             "wall_s": time.time() - t0}

@@ -163,8 +163,7 @@ def _main(ns, default_sampler) -> int:
         log.warning(precision_warning)
     if resume_state is not None:
         here, started = machine_info(), config.get("machine")
-        if started and (here["cpu"], here["cpu_flags"], here["gpu"]) != (started.get("cpu"), started.get("cpu_flags"),
-                                                                         started.get("gpu")):
+        if started and started != here:
             log.warning("resuming on %s (started on %s): other vector units round fp32 differently, so from here "
                         "the run matches one left alone only approximately", _machine_str(here), _machine_str(started))
     if cfg.preset:
