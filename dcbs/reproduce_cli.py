@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="reproduce.py",
                 description="Run the paper's Tables 1-3 (cells shared between tables run once), or "
                             "aggregate finished runs into results/tables.md. Flags after '--' go to every "
-                            "main.py / main_BS.py run.")
+                            "main.py / main_BS.py run and name it (a hash suffix), except --ckpt_every.")
     a = p.add_argument
     a("what", choices=WHAT, help="table1: DC, DSA, BS(DC) k=20 layer 3; table2: BS k 5-25 layer 2 + DC; "
                                  "table3: BS layer 0-3 k=20 + DC; all: the three; samplers: DC with every real-batch "

@@ -149,8 +149,26 @@ def check_extra(extra) -> None:
         raise SweepError(f"{' '.join(own)} after '--': the sweep sets these itself (use reproduce.py's own options)")
 
 
-def run_name(cell: Cell, s: Settings) -> str:
-    """``DC_CIFAR10_ipc1_cpu_s0``, ``BS-DC_k20_l3_norm_CIFAR10_ipc10_full_s0`` (+ ``_x<hash>`` with flags after --)."""
+# flags after -- that do not change what a run computes: they leave its name (and so the cell) alone
+NAME_FREE_FLAGS = {"--ckpt_every"}
+
+
+def _naming_extra(extra) -> list:
+    """The flags after -- that name a run: ``extra`` without NAME_FREE_FLAGS and their values."""
+    out, skip = [], False
+    for a in extra:
+        if skip:
+            skip = False
+        elif a in NAME_FREE_FLAGS:
+            skip = True
+        elif a.split("=")[0] not in NAME_FREE_FLAGS:
+            out.append(a)
+    return out
+
+
+def run_name(cell: Cell, s: Settings, legacy: bool = False) -> str:
+    """``DC_CIFAR10_ipc1_cpu_s0``, ``BS-DC_k20_l3_norm_CIFAR10_ipc10_full_s0`` (+ ``_x<hash>`` with flags after --
+    that change what the run computes; ``legacy``: hash every flag after --, as names were made before)."""
     model = "" if s.cluster_model == DEFAULT_CLUSTER_MODEL else f"_{s.cluster_model}"
     if cell.method in ("STRAT", "DREAM", "SYS"):
         m = f"{cell.method}-DC_l{cell.layer}{model}"
@@ -162,8 +180,9 @@ def run_name(cell: Cell, s: Settings) -> str:
     else:
         m = cell.method
     name = f"{m}_{s.dataset}_ipc{cell.ipc}_{s.preset or 'full'}_s{s.seed}"
-    if s.extra:
-        name += "_x" + hashlib.sha256(" ".join(s.extra).encode()).hexdigest()[:8]
+    extra = list(s.extra) if legacy else _naming_extra(s.extra)
+    if extra:
+        name += "_x" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8]
     return name
 
 
@@ -370,7 +389,9 @@ def make_plan(tables, s: Settings, ipcs=None, ks=None, layers=None, methods=None
     for seed in (seeds or (s.seed,)):
         ss = dataclasses.replace(s, seed=seed)
         for cell, ts in cells.items():
-            name = run_name(cell, ss)
+            name, old = run_name(cell, ss), run_name(cell, ss, legacy=True)
+            if not os.path.isdir(os.path.join(s.save_path, name)) and os.path.isdir(os.path.join(s.save_path, old)):
+                name = old        # started when --ckpt_every still renamed a run: continue it under its name
             path = os.path.join(s.save_path, name)
             state = condense_state(path)
             if state != "new":

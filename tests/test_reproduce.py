@@ -151,6 +151,26 @@ def test_finished_cells_are_skipped_and_unfinished_ones_resumed(with_extractor, 
         sweep.make_plan(["table1"], s)
 
 
+def test_checkpoint_frequency_after_dashes_keeps_run_names(with_extractor):
+    import dataclasses
+    s = with_extractor
+    dc = dict(dataset="CIFAR10", seed=0, preset=None, method="DC", batch_sampling=False)
+    fake_run(os.path.join(s.save_path, "DC_CIFAR10_ipc1_full_s0"), done=True, ipc=1, **dc)
+    ckpt = dataclasses.replace(s, extra=("--ckpt_every", "10"))
+    plan = sweep.make_plan(["table1"], ckpt, ipcs=[1], methods=["DC"])
+    assert [(j.name, j.state) for j in kinds(plan, "condense")] == [("DC_CIFAR10_ipc1_full_s0", "done")]
+    # flags that change the computation still name the run, whatever --ckpt_every says
+    a = sweep.run_name(Cell("DC", 1), dataclasses.replace(s, extra=("--ckpt_every=5", "--eval_batch", "2")))
+    b = sweep.run_name(Cell("DC", 1), dataclasses.replace(s, extra=("--eval_batch", "2")))
+    assert a == b and a.startswith("DC_CIFAR10_ipc1_full_s0_x")
+    # a run started under the old name (every flag hashed) resumes under that name
+    legacy = sweep.run_name(Cell("DC", 10), ckpt, legacy=True)
+    assert legacy != "DC_CIFAR10_ipc10_full_s0"
+    fake_run(os.path.join(s.save_path, legacy), checkpoint=True, ipc=10, **dc)
+    job = next(j for j in kinds(sweep.make_plan(["table1"], ckpt, ipcs=[10], methods=["DC"]), "condense"))
+    assert (job.name, job.state) == (legacy, "resume") and job.argv[-2:] == ["--resume", job.path]
+
+
 def test_a_failed_clustering_job_blocks_only_its_cells(tmp_path, monkeypatch):
     s = settings(tmp_path, train_extractor=True)
     plan = sweep.make_plan(["table2"], s, ipcs=[1], ks=[5, 10])
