@@ -115,17 +115,40 @@ def _normalize(u8: torch.Tensor, mean, std) -> torch.Tensor:
 # --------------------------------------------------------------------------- #
 # sources
 # --------------------------------------------------------------------------- #
-def _load_digits():
+_DIGITS_SPLIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_test_indices.txt")
+
+
+def _digits_arrays():
+    """sklearn's digits (1797 8x8 images, values 0-16) and labels, read from the CSV that sklearn ships
+    without importing sklearn (its import costs ~2 s in every process); sklearn's loader otherwise."""
+    import importlib.util
+    spec = importlib.util.find_spec("sklearn")
+    csv = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz") if spec and spec.origin else ""
+    if os.path.isfile(csv):
+        data = np.loadtxt(csv, delimiter=",")          # what sklearn.datasets.load_digits reads
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return d.images, d.target
+
+
+def _digits_split(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stratified 70/30 split of train_test_split(random_state=0), from the stored test indices."""
+    if len(target) == 1797 and os.path.isfile(_DIGITS_SPLIT):
+        te = np.loadtxt(_DIGITS_SPLIT, dtype=np.int64).ravel()
+        return np.setdiff1d(np.arange(len(target)), te), te
+    from sklearn.model_selection import train_test_split
+    tr, te = train_test_split(np.arange(len(target)), test_size=0.3, stratify=target, random_state=0)
+    return np.sort(tr), np.sort(te)
+
+
+def _load_digits():
+    images, target = _digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
     u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    idx = np.arange(len(d.target))
-    tr, te = train_test_split(idx, test_size=0.3, stratify=d.target, random_state=0)
-    tr, te = np.sort(tr), np.sort(te)
-    y = torch.tensor(d.target, dtype=torch.long)
+    tr, te = _digits_split(target)
+    y = torch.tensor(target, dtype=torch.long)
     names = [str(i) for i in range(10)]
     return u8[tr], y[tr], u8[te], y[te], names, "sklearn.datasets.load_digits (8x8 -> 28x28)"
 

@@ -90,6 +90,33 @@ def test_digits_is_embedded_and_stratified(digits):
     assert load_data("digits").fingerprint == digits.fingerprint
 
 
+def test_digits_without_sklearn_equals_sklearns_loader_and_split(monkeypatch):
+    """Digits are read from sklearn's CSV with the stored split (no sklearn import): the same images,
+    labels and split as sklearn's load_digits + train_test_split, which stay the fallback."""
+    import importlib.util
+    import subprocess
+    import sys
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    import dcbs.data as data
+    fast = data._load_digits()
+    d = load_digits()
+    tr, te = train_test_split(np.arange(1797), test_size=0.3, stratify=d.target, random_state=0)
+    images, target = data._digits_arrays()
+    assert np.array_equal(images, d.images) and np.array_equal(target, d.target)
+    assert [a.tolist() for a in data._digits_split(target)] == [sorted(tr), sorted(te)]
+    monkeypatch.setattr(data, "_DIGITS_SPLIT", "/nonexistent")           # the fallback: sklearn's split
+    assert [a.tolist() for a in data._digits_split(target)] == [sorted(tr), sorted(te)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the fallback: sklearn's loader
+    slow = data._load_digits()
+    for a, b in zip(fast[:4], slow[:4]):
+        assert torch.equal(a, b)
+    code = "import sys; from dcbs.data import load_data; load_data('digits'); print('sklearn' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, env=dict(os.environ, DCBS_NO_DOWNLOAD="1"))
+    assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr
+
+
 def test_reference_get_dataset_signature():
     channel, im_size, num_classes, class_names, mean, std, dst_train, dst_test, testloader = get_dataset("digits")
     assert (channel, tuple(im_size), num_classes) == (1, (28, 28), 10)

@@ -101,8 +101,9 @@ def test_the_printed_cluster_command_works_and_batch_sampling_follows(tmp_path, 
     torch.save(net.state_dict(), ck / "ConvNet_digits.pt")      # a small extractor, made first
     bs = ["--dataset", "digits", "--layer_idx", 2, "--num_cluster", 20, "--norm", "--cluster_model", "ConvNet",
           "--cluster_path", ck, "--preset", "smoke", "--ipc", 10, "--save_path", tmp_path / "runs",
-          "--num_threads", 1, "--eval_it", 2]      # one evaluation: the run is what is checked
-    line = _error(run_cli("main_BS.py", *bs, "--run_name", "first"))
+          "--num_threads", 1, "--eval_it", 2,      # one evaluation: the run is what is checked
+          "--model", "ConvNetW32"]                 # the condensation network: any, the extractor is ConvNet
+    line = _error(run_main("main_BS.py", *bs, "--run_name", "first"))
     cmd = shlex.split(line.split("make it with: ")[1])
     assert cmd[:2] == ["python", "main_cluster.py"] and "--norm" in cmd
     env = dict(os.environ, OMP_NUM_THREADS="1", DCBS_NO_DOWNLOAD="1")
