@@ -99,6 +99,7 @@ def test_digits_without_sklearn_equals_sklearns_loader_and_split(monkeypatch):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     import dcbs.data as data
+    from conftest import ROOT
     fast = data._load_digits()
     d = load_digits()
     tr, te = train_test_split(np.arange(1797), test_size=0.3, stratify=d.target, random_state=0)
@@ -112,8 +113,8 @@ def test_digits_without_sklearn_equals_sklearns_loader_and_split(monkeypatch):
     for a, b in zip(fast[:4], slow[:4]):
         assert torch.equal(a, b)
     code = "import sys; from dcbs.data import load_data; load_data('digits'); print('sklearn' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       capture_output=True, text=True, env=dict(os.environ, DCBS_NO_DOWNLOAD="1"))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, DCBS_NO_DOWNLOAD="1"))
     assert r.returncode == 0 and r.stdout.split() == ["False"], r.stderr
 
 
