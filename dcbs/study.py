@@ -409,8 +409,6 @@ def _values(recs, key) -> str:
 
 def _protocol(g: Group) -> str:
     recs = g.counted
-    if not recs:
-        return "No finished run."
     cfgs = [r.config for r in recs]
     preset = f"preset `{g.preset}` (a reduced protocol)" if g.preset else "no preset (the published protocol)"
     its = _values(cfgs, lambda c: c.get("Iteration"))
@@ -465,7 +463,7 @@ def _so_far(r: Record) -> str:
 
 def _group_lines(g: Group) -> list[str]:
     title = f"## {g.dataset}, ipc {g.ipc}, preset {g.preset or 'none'}"
-    lines = [title, "", _protocol(g), ""]
+    lines = [title, ""] + ([_protocol(g), ""] if g.counted else [])
     if g.stats:
         lines += ["| sampler | seeds | accuracy at final iteration (mean ± std over seed means) | "
                   f"d vs {g.baseline} (mean ± SE, n) | per-seed d | s/iteration | sample s/iteration |",

@@ -199,6 +199,14 @@ def test_markdown_holds_the_numbers(runs):
     assert "90.00" not in counted and "80.00" not in md
 
 
+def test_a_group_with_only_running_runs_says_so_once(tmp_path):
+    root = str(tmp_path / "samplers")
+    write_run(root, "DC_CIFAR10_ipc10_study10_s0", {25: [0.35, 0.36]}, 0, done=False)
+    md = study.render_markdown(study.collect([root]), [root])
+    assert md.count("No finished run") == 1 and "No finished run in this group." in md
+    assert "`DC_CIFAR10_ipc10_study10_s0` (DC, seed 0): iteration 25: 35.50 ± 0.50 (2 models)" in md
+
+
 def test_batches_and_gradient_norms_per_sampler(runs):
     recs = {r.name: r for r in study.collect([runs])}
     bs = recs["BS-DC_k20_l3_norm_ResNet18BN_CIFAR10_ipc1_study_s0"]
