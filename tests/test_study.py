@@ -201,10 +201,10 @@ def test_markdown_holds_the_numbers(runs):
 
 def test_a_group_with_only_running_runs_says_so_once(tmp_path):
     root = str(tmp_path / "samplers")
-    write_run(root, "DC_CIFAR10_ipc10_study10_s0", {25: [0.35, 0.36]}, 0, done=False)
+    write_run(root, "DC_CIFAR10_ipc1_study_s0", {50: [0.35, 0.36]}, 0, done=False)
     md = study.render_markdown(study.collect([root]), [root])
     assert md.count("No finished run") == 1 and "No finished run in this group." in md
-    assert "`DC_CIFAR10_ipc10_study10_s0` (DC, seed 0): iteration 25: 35.50 ± 0.50 (2 models)" in md
+    assert "`DC_CIFAR10_ipc1_study_s0` (DC, seed 0): iteration 50: 35.50 ± 0.50 (2 models)" in md
 
 
 def test_batches_and_gradient_norms_per_sampler(runs):
