@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -285,7 +286,9 @@ def _order(baseline):
     def key(item):
         label, recs = item
         r = recs[0]
-        return label != baseline, sampler_rank.get(r.sampler, len(sampler_rank)), r.method, label
+        # numbers in the label compare as numbers: k=5 before k=10, layer 2 before layer 10
+        natural = [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]
+        return label != baseline, sampler_rank.get(r.sampler, len(sampler_rank)), r.method, natural
     return key
 
 

@@ -207,6 +207,19 @@ def test_a_group_with_only_running_runs_says_so_once(tmp_path):
     assert "`DC_CIFAR10_ipc1_study_s0` (DC, seed 0): iteration 50: 35.50 ± 0.50 (2 models)" in md
 
 
+def test_settings_of_one_sampler_sort_by_their_numbers(tmp_path):
+    # Table 2's cells: k=5 must come before k=10 and k=25 (a string sort puts it last)
+    root = str(tmp_path / "samplers")
+    write_run(root, "DC_CIFAR10_ipc1_study_s0", {200: [0.26, 0.26]}, 0)
+    for k in (25, 5, 10):
+        write_run(root, f"BS-DC_k{k}_l2_norm_ResNet18BN_CIFAR10_ipc1_study_s0", {200: [0.25, 0.25]}, 0,
+                  sampler="cluster", **dict(BS20, num_cluster=k, layer_idx=2))
+    md = study.render_markdown(study.collect([root]), [root])
+    main_table = md.split("Accuracy at each evaluation iteration")[0]
+    labels = [line.split("|")[1].strip() for line in main_table.splitlines() if line.startswith("| BS(DC)")]
+    assert labels == ["BS(DC) k=5", "BS(DC) k=10", "BS(DC) k=25"]
+
+
 def test_batches_and_gradient_norms_per_sampler(runs):
     recs = {r.name: r for r in study.collect([runs])}
     bs = recs["BS-DC_k20_l3_norm_ResNet18BN_CIFAR10_ipc1_study_s0"]
