@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -501,6 +502,33 @@ def slurm_parameters(partition=None, time_min=2880, gpus_per_node=1, cpus_per_ta
     return params
 
 
+def call(argv: list[str], cwd: str | None = None) -> int:
+    """Runs ``argv`` to its end. Ctrl-C is passed on as one SIGINT and waited for, so the run writes its
+    checkpoint (``subprocess.call`` would kill it 0.25 s later); a second Ctrl-C aborts the run too.
+    Then KeyboardInterrupt stops the sweep."""
+    # its own process group: the terminal's Ctrl-C reaches this process only, which passes it on once
+    proc = subprocess.Popen(argv, cwd=cwd or os.getcwd(), start_new_session=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        print(f"interrupted: waiting for {os.path.basename(argv[1]) if len(argv) > 1 else argv[0]} to save "
+              f"its checkpoint (Ctrl-C again aborts it without saving)", file=sys.stderr, flush=True)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+        raise
+
+
+def _workers_import_this_repository() -> None:
+    """submitit's workers unpickle ``call`` by its module name, from any working directory."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if ROOT not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([ROOT, *paths])
+
+
 class Runner:
     """Runs the waves of a plan with one executor; ``results`` maps job name -> exit status (None: lost)."""
 
@@ -540,11 +568,12 @@ class Runner:
     def _run_inline(self, wave) -> None:
         for i, j in enumerate(wave, 1):
             self.echo(f"[{i}/{len(wave)}] {j.state} {j.name}: {display(j.argv)}")
-            self._done(j, subprocess.call(full_argv(j.argv), cwd=os.getcwd()))
+            self._done(j, call(full_argv(j.argv)))
 
     # submitit's LocalExecutor, at most n jobs at once, GPUs handed out round-robin
     def _run_local(self, wave) -> None:
         import submitit
+        _workers_import_this_repository()
         gpus = local_gpu_count()
         ex = submitit.LocalExecutor(folder=os.path.join(self.folder, "%j"))
         pending, running = list(wave), {}
@@ -556,7 +585,7 @@ class Runner:
                     gpu = min(range(gpus), key=load.__getitem__) if gpus else None
                     ex.update_parameters(timeout_min=self.local_timeout_min, gpus_per_node=1 if gpus else 0,
                                          visible_gpus=(gpu,) if gpus else ())
-                    job = ex.submit(subprocess.call, full_argv(j.argv), cwd=os.getcwd())
+                    job = ex.submit(call, full_argv(j.argv), os.getcwd())
                     if gpus:
                         load[gpu] += 1
                     running[job.job_id] = (j, job, gpu)
@@ -572,7 +601,7 @@ class Runner:
                     time.sleep(self.poll_s)
         except KeyboardInterrupt:
             for j, job, _ in running.values():
-                job.cancel(check=False)
+                job.cancel(check=False)     # SIGINT, which call() passes on: each run saves, then ends
             raise
 
     # submitit's SlurmExecutor: the wave as one job array, then wait for it
@@ -580,10 +609,11 @@ class Runner:
         import submitit
         if not wave:
             return
+        _workers_import_this_repository()
         ex = submitit.SlurmExecutor(folder=os.path.join(self.folder, "%j"))
         ex.update_parameters(**self.slurm_params)
         with ex.batch():
-            handles = [ex.submit(subprocess.call, full_argv(j.argv), cwd=os.getcwd()) for j in wave]
+            handles = [ex.submit(call, full_argv(j.argv), os.getcwd()) for j in wave]
         for j, job in zip(wave, handles):
             self.echo(f"submitted {j.state} {j.name}: SLURM job {job.job_id}, log {job.paths.stdout}")
         for j, job in zip(wave, handles):

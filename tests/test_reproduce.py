@@ -139,7 +139,7 @@ def test_finished_cells_are_skipped_and_unfinished_ones_resumed(with_extractor, 
     assert any(line == "  skip (finished) DC_CIFAR10_ipc1_full_s0" for line in sweep.describe(plan))
     # running it: the stale directory is moved aside, the others get their commands
     calls = []
-    monkeypatch.setattr(sweep.subprocess, "call", lambda argv, cwd=None: calls.append(argv[1:]) or 0)
+    monkeypatch.setattr(sweep, "call", lambda argv: calls.append(argv[1:]) or 0)
     results = sweep.Runner("inline", echo=lambda *_: None).run(plan)
     assert len(calls) == 8 and all(rc == 0 for rc in results.values())
     assert [os.path.join(sweep.ROOT, "main.py"), "--resume", resume.path] in calls
@@ -176,15 +176,92 @@ def test_a_failed_clustering_job_blocks_only_its_cells(tmp_path, monkeypatch):
     plan = sweep.make_plan(["table2"], s, ipcs=[1], ks=[5, 10])
     ran = []
 
-    def call(argv, cwd=None):
+    def call(argv):
         ran.append(os.path.basename(argv[1]))
         return 2 if "--train_extractor" in argv else 0
-    monkeypatch.setattr(sweep.subprocess, "call", call)
+    monkeypatch.setattr(sweep, "call", call)
     results = sweep.Runner("inline", echo=lambda *_: None).run(plan)
     assert ran == ["main_cluster.py", "main.py"]            # the other clustering job and both BS cells wait
     assert results["DC_CIFAR10_ipc1_full_s0"] == 0 and results["class_idx_cifar10_k5_2_True.pt"] == 2
     assert results["class_idx_cifar10_k10_2_True.pt"] is None
     assert results["BS-DC_k5_l2_norm_CIFAR10_ipc1_full_s0"] is None
+
+
+# a run that takes a while to save on SIGINT, and aborts on a second one, as main.py / main_BS.py do
+SLOW_SAVER = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def handler(signum, frame):
+    if out.exists():
+        out.write_text("aborted")
+        sys.exit(3)
+    out.write_text("saving")
+    time.sleep(float(sys.argv[2]))
+    out.write_text("saved")
+    sys.exit(130)
+signal.signal(signal.SIGINT, handler)
+(out.parent / "ready").write_text("")
+time.sleep(120)
+"""
+
+SWEEP_PARENT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from dcbs import sweep
+executor, folder = sys.argv[2:4]
+job = sweep.Job(name="slow", kind="condense", state="new", argv=sys.argv[4:])
+runner = sweep.Runner(executor, folder=folder, poll_s=0.1, echo=lambda *_: None)
+try:
+    runner.run(sweep.Plan(settings=None, tables=[], jobs=[job], extractor="", extractor_state=""))
+except KeyboardInterrupt:
+    print("stopped", runner.results)
+    sys.exit(130)
+"""
+
+
+def _sweep_of_slow_saver(tmp_path, save_s, executor="inline"):
+    import signal
+    import subprocess
+    import time
+    (tmp_path / "child.py").write_text(SLOW_SAVER)
+    out = tmp_path / "state"
+    # its own process group, as a shell gives a foreground job: killpg is the terminal's Ctrl-C
+    # from another directory: submitit's workers still import the sweep
+    parent = subprocess.Popen([sys.executable, "-c", SWEEP_PARENT, ROOT, executor, str(tmp_path / "jobs"),
+                               str(tmp_path / "child.py"), str(out), str(save_s)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists():
+        assert parent.poll() is None and time.time() < deadline, "the sweep did not start its job"
+        time.sleep(0.05)
+    os.killpg(parent.pid, signal.SIGINT)
+    return parent, out
+
+
+@pytest.mark.parametrize("executor", ["inline", "local"])
+def test_ctrl_c_in_a_sweep_lets_the_run_save_then_stops(tmp_path, executor):
+    import time
+    parent, out = _sweep_of_slow_saver(tmp_path, save_s=1.5, executor=executor)
+    stdout, _ = parent.communicate(timeout=60)
+    assert parent.returncode == 130 and "stopped {}" in stdout
+    # inline waits for the save; under submitit the run, in its own process group, outlives the worker
+    deadline = time.time() + (0 if executor == "inline" else 30)
+    while out.read_text() != "saved" and time.time() < deadline:
+        time.sleep(0.1)
+    assert out.read_text() == "saved"          # not killed while writing its checkpoint
+
+
+def test_a_second_ctrl_c_in_the_inline_sweep_aborts_the_run(tmp_path):
+    import signal
+    import time
+    parent, out = _sweep_of_slow_saver(tmp_path, save_s=60)
+    deadline = time.time() + 30
+    while not (out.exists() and out.read_text() == "saving"):
+        assert time.time() < deadline, "the run never got the first SIGINT"
+        time.sleep(0.05)
+    os.killpg(parent.pid, signal.SIGINT)
+    parent.communicate(timeout=30)
+    assert out.read_text() == "aborted" and parent.returncode == 130
 
 
 # --------------------------------------------------------------------------- #
